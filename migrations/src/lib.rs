@@ -1,0 +1,15 @@
+//! Schema migrations for token-exchange. The application runs them at start-up through [`Migrator`];
+//! `cargo run -p migration -- <command>` drives them by hand (see `sea_orm_migration::cli`).
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_create_tables;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261124_000001_create_tables::Migration)]
+    }
+}

@@ -1,0 +1,73 @@
+//! The admin REST API (axum): logins, buyer keys, seller keys and user management.
+//!
+//! Every error answers `{"error":{"code":"...","message":"..."}}` with its status, including malformed
+//! requests. Authentication is a bearer session token from `/api/v1/auth/login`; each route needs one
+//! role, and another user's object is reported as missing (404), never as forbidden, so that ids reveal
+//! nothing. Changes that affect routing or buyer authentication ask the pool to refresh at once.
+
+mod auth;
+mod buyer;
+mod error;
+mod seller;
+mod users;
+mod views;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use sea_orm::DatabaseConnection;
+use serde_json::{json, Value};
+
+pub use error::ApiError;
+
+use crate::crypto::Keyring;
+use crate::pool::RefreshHandle;
+
+/// Admin requests are small JSON documents; anything larger is a mistake or an attack.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub db: DatabaseConnection,
+    pub keyring: Arc<Keyring>,
+    pub refresh: RefreshHandle,
+    pub session_ttl_ms: i64,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/auth/login", post(auth::login))
+        .route("/api/v1/auth/logout", post(auth::logout))
+        .route("/api/v1/me", get(auth::me))
+        .route("/api/v1/buyer/keys", post(buyer::create).get(buyer::list))
+        .route("/api/v1/buyer/keys/{id}", delete(buyer::revoke))
+        .route("/api/v1/seller/keys", post(seller::create).get(seller::list))
+        .route("/api/v1/seller/keys/{id}", get(seller::get))
+        .route("/api/v1/seller/keys/{id}/pause", post(seller::pause))
+        .route("/api/v1/seller/keys/{id}/resume", post(seller::resume))
+        .route("/api/v1/admin/users", post(users::create_user).get(users::list_users))
+        .route("/api/v1/admin/keys", get(users::list_keys))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(no_store))
+        .with_state(state)
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Responses carry session tokens and new keys; no cache or proxy may keep any of them.
+async fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,87 @@
+//! Seller endpoints: depositing provider keys into the pool and pausing them.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::auth::SellerUser;
+use super::error::{ApiError, ApiJson, ApiPath};
+use super::views::SellerKeyView;
+use super::AdminState;
+use crate::accounts::{self, NewSellerKey};
+
+/// No `Debug`: it holds the seller's API key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSellerKey {
+    #[serde(default)]
+    name: Option<String>,
+    provider: String,
+    base_url: String,
+    models: Vec<String>,
+    api_key: String,
+    declared_balance: i64,
+}
+
+#[derive(Serialize)]
+pub struct SellerKeyList {
+    keys: Vec<SellerKeyView>,
+}
+
+pub async fn create(
+    State(state): State<AdminState>,
+    SellerUser(user): SellerUser,
+    ApiJson(req): ApiJson<CreateSellerKey>,
+) -> Result<(StatusCode, Json<SellerKeyView>), ApiError> {
+    let new = NewSellerKey {
+        name: req.name.unwrap_or_default(),
+        provider: req.provider,
+        base_url: req.base_url,
+        models: req.models,
+        api_key: req.api_key,
+        declared_balance: req.declared_balance,
+    };
+    let key = accounts::add_seller_key(&state.db, &state.keyring, user.id, new).await?;
+    state.refresh.request();
+    Ok((StatusCode::CREATED, Json(SellerKeyView::from(&key))))
+}
+
+pub async fn list(
+    State(state): State<AdminState>,
+    SellerUser(user): SellerUser,
+) -> Result<Json<SellerKeyList>, ApiError> {
+    let keys = accounts::list_seller_keys(&state.db, user.id).await?;
+    Ok(Json(SellerKeyList { keys: keys.iter().map(SellerKeyView::from).collect() }))
+}
+
+pub async fn get(
+    State(state): State<AdminState>,
+    SellerUser(user): SellerUser,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<SellerKeyView>, ApiError> {
+    let key = accounts::get_seller_key(&state.db, user.id, id).await?;
+    Ok(Json(SellerKeyView::from(&key)))
+}
+
+pub async fn pause(
+    State(state): State<AdminState>,
+    SellerUser(user): SellerUser,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<SellerKeyView>, ApiError> {
+    set_paused(state, user.id, id, true).await
+}
+
+pub async fn resume(
+    State(state): State<AdminState>,
+    SellerUser(user): SellerUser,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<SellerKeyView>, ApiError> {
+    set_paused(state, user.id, id, false).await
+}
+
+async fn set_paused(state: AdminState, owner_id: i64, id: i64, paused: bool) -> Result<Json<SellerKeyView>, ApiError> {
+    let key = accounts::set_seller_key_paused(&state.db, owner_id, id, paused).await?;
+    state.refresh.request();
+    Ok(Json(SellerKeyView::from(&key)))
+}

@@ -1,0 +1,228 @@
+//! Wiring: configuration → database → key pool → the three listeners, and an orderly shutdown.
+//!
+//! Pingora runs the gateway service on its own runtimes. Everything that talks to the database (the pool
+//! refresher, the usage writer, the admin API) and the metrics listener run on one separate application
+//! runtime, so that they outlive the gateway: after Pingora has drained in-flight requests on SIGTERM, the
+//! usage writer still flushes the last records before the process exits.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use sea_orm::DatabaseConnection;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::crypto::{self, Keyring};
+use crate::pool::{self, RefreshHandle, Refresher, RefresherConfig};
+use crate::proxy::{Gateway, GatewaySettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("database: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    #[error("master key: {0}")]
+    MasterKey(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("runtime: {0}")]
+    Runtime(String),
+    #[error("{0}")]
+    Accounts(#[from] crate::accounts::AccountError),
+}
+
+/// A multi-thread runtime for the application side (database, admin, metrics).
+pub fn app_runtime() -> Result<tokio::runtime::Runtime, AppError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tokex-app")
+        .enable_all()
+        .build()
+        .map_err(|e| AppError::Runtime(e.to_string()))
+}
+
+/// Connects and applies migrations: every entry point that touches the database goes through here.
+pub async fn open_database(config: &Config) -> Result<DatabaseConnection, AppError> {
+    let db = crate::db::connect(&config.database.url, config.database.max_connections).await?;
+    crate::db::migrate(&db).await?;
+    Ok(db)
+}
+
+/// The master key comes from `TOKEX_MASTER_KEY`, else from the key file. Only on the embedded default is a
+/// missing key generated (with a warning); a shared MySQL database must never get a node-local key.
+pub fn load_keyring(config: &Config) -> Result<Keyring, AppError> {
+    let previous = match std::env::var("TOKEX_PREVIOUS_MASTER_KEYS") {
+        Ok(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|k| crypto::parse_master_key(k).map_err(|e| AppError::MasterKey(format!("TOKEX_PREVIOUS_MASTER_KEYS: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?,
+        Err(_) => Vec::new(),
+    };
+    if let Ok(value) = std::env::var("TOKEX_MASTER_KEY") {
+        let key = crypto::parse_master_key(value.trim()).map_err(|e| AppError::MasterKey(format!("TOKEX_MASTER_KEY: {e}")))?;
+        return Ok(Keyring::new(key, previous));
+    }
+    let path = config.master_key_path();
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|e| AppError::MasterKey(format!("{}: {e}", path.display())))?;
+        let key = crypto::parse_master_key(text.trim()).map_err(|e| AppError::MasterKey(format!("{}: {e}", path.display())))?;
+        return Ok(Keyring::new(key, previous));
+    }
+    if !config.is_embedded_database() {
+        return Err(AppError::MasterKey(format!(
+            "no master key: set TOKEX_MASTER_KEY (base64 of 32 bytes) or create {} — every node sharing this database needs the same key",
+            path.display()
+        )));
+    }
+    let key = crypto::generate_master_key();
+    write_key_file(&path, &base64::engine::general_purpose::STANDARD.encode(key))?;
+    tracing::warn!(
+        path = %path.display(),
+        "generated a new master key for the embedded database; back it up — seller keys cannot be decrypted without it"
+    );
+    Ok(Keyring::new(key, previous))
+}
+
+fn write_key_file(path: &Path, contents: &str) -> Result<(), AppError> {
+    use std::io::Write;
+    let err = |e: std::io::Error| AppError::MasterKey(format!("{}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(err)?;
+    file.write_all(contents.as_bytes()).map_err(err)?;
+    file.write_all(b"\n").map_err(err)
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, AppError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| AppError::Listen { addr: addr.into(), source })
+}
+
+/// `token-exchange serve`: runs until SIGTERM (graceful) or SIGINT (fast).
+pub fn serve(config: Config) -> Result<(), AppError> {
+    let rt = app_runtime()?;
+    // Build the tokenizer tables now, not inside the first request that needs a local count.
+    rt.spawn_blocking(crate::openai::tokens::warm_up);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let (gateway, background) = rt.block_on(async {
+        let db = open_database(&config).await?;
+        let keyring = Arc::new(load_keyring(&config)?);
+        if let Some(password) =
+            crate::accounts::ensure_admin(&db, std::env::var("TOKEX_ADMIN_PASSWORD").ok().as_deref()).await?
+        {
+            // Shown once, on the terminal of whoever started the first node; never logged.
+            eprintln!("\n  Created the admin user. Username: admin  Password: {password}\n  (set TOKEX_ADMIN_PASSWORD to choose it)\n");
+        }
+
+        let shared_pool = pool::empty_shared_pool();
+        let mut refresher = Refresher::new(
+            db.clone(),
+            keyring.clone(),
+            shared_pool.clone(),
+            Duration::from_millis(config.pool.dns_refresh_interval_ms),
+        );
+        // The gateway never serves from an empty pool: the first load happens before any listener opens.
+        refresher.refresh().await?;
+
+        let (usage_sink, usage_writer) = crate::usage::channel(
+            db.clone(),
+            config.usage.queue_capacity,
+            config.usage.batch_size,
+            Duration::from_millis(config.usage.flush_interval_ms),
+        );
+        let refresh = RefreshHandle::default();
+
+        let admin_listener = bind(&config.admin.listen).await?;
+        let metrics_listener = bind(&config.metrics.listen).await?;
+        let admin_state = crate::admin::AdminState {
+            db: db.clone(),
+            keyring: keyring.clone(),
+            refresh: refresh.clone(),
+            session_ttl_ms: i64::try_from(config.admin.session_ttl_hours).unwrap_or(24).saturating_mul(3_600_000),
+        };
+
+        let background = vec![
+            tokio::spawn(usage_writer.run(shutdown_rx.clone())),
+            tokio::spawn(refresher.run(
+                refresh,
+                RefresherConfig {
+                    interval: Duration::from_millis(config.pool.refresh_interval_ms),
+                    dns_ttl: Duration::from_millis(config.pool.dns_refresh_interval_ms),
+                    redis_url: config.redis.url.clone(),
+                },
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(serve_http(admin_listener, crate::admin::router(admin_state), shutdown_rx.clone())),
+            tokio::spawn(serve_http(metrics_listener, metrics_router(), shutdown_rx.clone())),
+        ];
+        let gateway = Gateway::new(shared_pool, usage_sink, GatewaySettings::from_config(&config.gateway));
+        Ok::<_, AppError>((gateway, background))
+    })?;
+
+    let mut server_conf = ServerConf::default();
+    server_conf.threads = config.gateway.threads;
+    server_conf.grace_period_seconds = Some(config.gateway.grace_period_secs);
+    server_conf.graceful_shutdown_timeout_seconds = Some(config.gateway.grace_period_secs.max(1));
+    let mut server = Server::new_with_opt_and_conf(None, server_conf);
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "gateway");
+    proxy.add_tcp(&config.gateway.listen);
+    server.add_service(proxy);
+    tracing::info!(
+        gateway = %config.gateway.listen,
+        admin = %config.admin.listen,
+        metrics = %config.metrics.listen,
+        "token-exchange is serving"
+    );
+    // Blocks until a shutdown signal; returns after in-flight gateway requests drained.
+    server.run(RunArgs::default());
+
+    tracing::info!("gateway stopped; flushing usage records");
+    let _ = shutdown_tx.send(true);
+    rt.block_on(async {
+        for task in background {
+            if tokio::time::timeout(Duration::from_secs(15), task).await.is_err() {
+                tracing::error!("a background task did not stop in time");
+            }
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn serve_http(listener: tokio::net::TcpListener, router: axum::Router, mut shutdown: watch::Receiver<bool>) {
+    let stop = async move {
+        while shutdown.changed().await.is_ok() {
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    };
+    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+        tracing::error!(error = %e, "HTTP listener failed");
+    }
+}
+
+fn metrics_router() -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::render())
+        }),
+    )
+}

@@ -1,0 +1,124 @@
+//! Admin commands for newcomers and scripts: the same operations as the admin REST API, without it.
+//! Each prints one JSON line on stdout; secrets shown once (a new buyer key) appear only there.
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::accounts::{self, NewSellerKey, Role};
+use crate::app::{app_runtime, load_keyring, open_database, AppError};
+use crate::config::Config;
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Create a user.
+    Create {
+        #[arg(long)]
+        username: String,
+        #[arg(long, env = "TOKEX_NEW_USER_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// Comma-separated roles: admin, seller, buyer.
+        #[arg(long, value_delimiter = ',', default_value = "buyer")]
+        roles: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BuyerKeyCommand {
+    /// Issue a new buyer key (printed once).
+    Issue {
+        #[arg(long)]
+        username: String,
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Comma-separated allow-list of models (default: any model).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// Expiry as Unix epoch milliseconds.
+        #[arg(long)]
+        expires_at_ms: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SellerKeyCommand {
+    /// Deposit a seller key into the pool.
+    Add(SellerKeyAdd),
+}
+
+#[derive(Args)]
+pub struct SellerKeyAdd {
+    #[arg(long)]
+    username: String,
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Provider name, e.g. openai, deepseek, openrouter.
+    #[arg(long)]
+    provider: String,
+    /// OpenAI-compatible base URL including the version path, e.g. https://api.openai.com/v1
+    #[arg(long)]
+    base_url: String,
+    /// Comma-separated models this key serves.
+    #[arg(long, value_delimiter = ',', required = true)]
+    models: Vec<String>,
+    /// The provider API key (prefer the environment variable: command lines are visible to other users).
+    #[arg(long, env = "TOKEX_SELLER_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Balance the seller declares for this key, in credits.
+    #[arg(long, default_value_t = 0)]
+    declared_balance: i64,
+}
+
+pub fn migrate(config: &Config) -> Result<(), AppError> {
+    app_runtime()?.block_on(async {
+        open_database(config).await?;
+        println!("{}", json!({"migrated": true}));
+        Ok(())
+    })
+}
+
+pub fn user(config: &Config, command: UserCommand) -> Result<(), AppError> {
+    let UserCommand::Create { username, password, roles } = command;
+    let roles = roles.iter().map(|r| r.parse::<Role>()).collect::<Result<Vec<_>, _>>()?;
+    app_runtime()?.block_on(async {
+        let db = open_database(config).await?;
+        let user = accounts::create_user(&db, &username, &password, &roles).await?;
+        println!("{}", json!({"id": user.id, "username": user.username, "roles": accounts::roles_of(&user)}));
+        Ok(())
+    })
+}
+
+pub fn buyer_key(config: &Config, command: BuyerKeyCommand) -> Result<(), AppError> {
+    let BuyerKeyCommand::Issue { username, name, models, expires_at_ms } = command;
+    app_runtime()?.block_on(async {
+        let db = open_database(config).await?;
+        let user = accounts::find_user(&db, &username).await?;
+        let (key, plaintext) = accounts::issue_buyer_key(&db, user.id, &name, models, expires_at_ms).await?;
+        println!("{}", json!({"id": key.id, "key": plaintext.expose()}));
+        Ok(())
+    })
+}
+
+pub fn seller_key(config: &Config, command: SellerKeyCommand) -> Result<(), AppError> {
+    let SellerKeyCommand::Add(add) = command;
+    app_runtime()?.block_on(async {
+        let db = open_database(config).await?;
+        let keyring = load_keyring(config)?;
+        let user = accounts::find_user(&db, &add.username).await?;
+        let key = accounts::add_seller_key(
+            &db,
+            &keyring,
+            user.id,
+            NewSellerKey {
+                name: add.name,
+                provider: add.provider,
+                base_url: add.base_url,
+                models: add.models,
+                api_key: add.api_key,
+                declared_balance: add.declared_balance,
+            },
+        )
+        .await?;
+        println!("{}", json!({"id": key.id, "key_hint": key.key_hint}));
+        Ok(())
+    })
+}

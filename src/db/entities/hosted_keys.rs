@@ -1,0 +1,37 @@
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "hosted_keys")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    /// Random uuid; also the AES-GCM associated data (`hosted_keys:<uid>`).
+    #[sea_orm(unique)]
+    pub uid: String,
+    pub owner_id: i64,
+    pub name: String,
+    pub provider: String,
+    pub base_url: String,
+    /// Comma-separated model names.
+    #[sea_orm(column_type = "Text")]
+    pub models: String,
+    /// Versioned ciphertext (`crate::crypto`); never serialised in an API response.
+    #[sea_orm(column_type = "Text")]
+    pub api_key_enc: String,
+    pub key_hint: String,
+    /// active | paused | depleted | flagged.
+    pub status: String,
+    pub declared_balance: i64,
+    pub remaining_balance: i64,
+    pub failure_count: i64,
+    pub success_count: i64,
+    pub last_used_at_ms: Option<i64>,
+    pub last_failure_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,34 @@
+//! token-exchange: an LLM API gateway and token marketplace on Pingora.
+//!
+//! Module map (one concern each):
+//! - `config`: the one validated configuration type (defaults < file < environment).
+//! - `crypto`: AES-256-GCM secret box for seller keys; `credentials`: buyer keys, passwords, sessions.
+//! - `db`: sea-orm entities and the query functions; handlers never build SQL.
+//! - `openai`: pure wire-format handling (request inspection/rewrite, SSE parsing, metering, token counts).
+//! - `pool`: the in-memory snapshot of buyer keys and routable seller keys, and its refresher.
+//! - `proxy`: the Pingora `ProxyHttp` service (thin hooks over plain functions).
+//! - `usage`: the batched, off-path usage-record writer.
+//! - `admin`: the admin REST API (axum); `accounts`: user and key management shared by the REST API and the CLI.
+//! - `metrics`: every Prometheus metric, defined once.
+//! - `cli`: the admin commands of the binary; `telemetry`: logging.
+//! - `app`: wires config, database, services and listeners together.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod accounts;
+pub mod config;
+pub mod credentials;
+pub mod crypto;
+pub mod db;
+pub mod metrics;
+pub mod openai;
+pub mod pool;
+pub mod proxy;
+pub mod telemetry;
+pub mod usage;
+
+/// Milliseconds since the Unix epoch: the one time representation stored in the database.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,61 @@
+//! `token-exchange`: wires the command line to the library. It decides nothing itself.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use token_exchange::cli;
+use token_exchange::config::Config;
+
+#[derive(Parser)]
+#[command(name = "token-exchange", version, about = "LLM API gateway and token marketplace")]
+struct Args {
+    /// Configuration file (default: conf/token-exchange.toml when present).
+    #[arg(long, global = true, env = "TOKEX_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway, admin and metrics listeners.
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage users.
+    #[command(subcommand)]
+    User(cli::UserCommand),
+    /// Manage platform-issued buyer keys.
+    #[command(subcommand, name = "buyer-key")]
+    BuyerKey(cli::BuyerKeyCommand),
+    /// Manage pooled seller keys.
+    #[command(subcommand, name = "seller-key")]
+    SellerKey(cli::SellerKeyCommand),
+}
+
+fn main() -> ExitCode {
+    token_exchange::telemetry::init_logging();
+    let args = Args::parse();
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match args.command {
+        Command::Serve => token_exchange::app::serve(config),
+        Command::Migrate => cli::migrate(&config),
+        Command::User(cmd) => cli::user(&config, cmd),
+        Command::BuyerKey(cmd) => cli::buyer_key(&config, cmd),
+        Command::SellerKey(cmd) => cli::seller_key(&config, cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Every Prometheus metric the gateway exports, defined once, all with the `tokex_` prefix.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+};
+
+/// Latency buckets in seconds: LLM calls range from milliseconds (cached embeddings) to minutes (long streams).
+const LATENCY_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+pub struct Metrics {
+    /// Finished gateway requests by model and the status the buyer received.
+    pub requests: IntCounterVec,
+    /// Time from the start of the request to the end of the response, by model.
+    pub upstream_latency: HistogramVec,
+    /// Time to first token: from the start of the request to the first response body byte.
+    pub ttft: HistogramVec,
+    /// Metered tokens by model and kind (prompt|completion).
+    pub tokens: IntCounterVec,
+    pub active_streams: IntGauge,
+    /// Seller keys in the pool by status.
+    pub pool_keys: IntGaugeVec,
+    /// Attempts that failed before any byte reached the buyer and moved on to another key, by model and reason.
+    pub failovers: IntCounterVec,
+    pub usage_records_written: IntCounter,
+    pub usage_records_dropped: IntCounter,
+    pub usage_write_errors: IntCounter,
+    pub pool_refresh_errors: IntCounter,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
+
+impl Metrics {
+    #[allow(clippy::expect_used)] // registering a fixed, valid metric set can only fail on a programming error
+    fn register() -> Self {
+        Self {
+            requests: register_int_counter_vec!(
+                "tokex_requests_total",
+                "Gateway requests by model and response status",
+                &["model", "status"]
+            )
+            .expect("metric"),
+            upstream_latency: register_histogram_vec!(
+                "tokex_upstream_latency_seconds",
+                "Request latency through the gateway, by model",
+                &["model"],
+                LATENCY_BUCKETS.to_vec()
+            )
+            .expect("metric"),
+            ttft: register_histogram_vec!(
+                "tokex_ttft_seconds",
+                "Time to first response byte, by model",
+                &["model"],
+                LATENCY_BUCKETS.to_vec()
+            )
+            .expect("metric"),
+            tokens: register_int_counter_vec!("tokex_tokens_total", "Metered tokens by model and kind", &["model", "kind"])
+                .expect("metric"),
+            active_streams: register_int_gauge!("tokex_active_streams", "Streaming responses in progress")
+                .expect("metric"),
+            pool_keys: register_int_gauge_vec!("tokex_pool_keys", "Seller keys in the pool by status", &["status"])
+                .expect("metric"),
+            failovers: register_int_counter_vec!(
+                "tokex_failovers_total",
+                "Attempts that failed before the first byte and were retried on another key",
+                &["model", "reason"]
+            )
+            .expect("metric"),
+            usage_records_written: register_int_counter!(
+                "tokex_usage_records_written_total",
+                "Usage records written to the database"
+            )
+            .expect("metric"),
+            usage_records_dropped: register_int_counter!(
+                "tokex_usage_records_dropped_total",
+                "Usage records dropped because the write queue was full"
+            )
+            .expect("metric"),
+            usage_write_errors: register_int_counter!(
+                "tokex_usage_write_errors_total",
+                "Failed usage-record batch writes (retried)"
+            )
+            .expect("metric"),
+            pool_refresh_errors: register_int_counter!(
+                "tokex_pool_refresh_errors_total",
+                "Failed reloads of the key pool from the database"
+            )
+            .expect("metric"),
+        }
+    }
+}
+
+/// The text exposition of every registered metric, for the metrics listener.
+pub fn render() -> String {
+    // Touch the registry so a scrape before the first request still lists every metric family.
+    LazyLock::force(&METRICS);
+    let mut out = Vec::with_capacity(16 * 1024);
+    let families = prometheus::gather();
+    if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}

@@ -1,0 +1,233 @@
+//! Building a [`PoolSnapshot`] from database rows: decrypting seller keys, parsing base URLs and resolving
+//! their hosts (in the background refresher, never on the request path).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use sea_orm::{DatabaseConnection, DbErr};
+
+use super::{BuyerKey, ModelRoute, PoolSnapshot, SellerKey, StatusCounts, Upstream};
+use crate::crypto::Keyring;
+use crate::db::entities::{buyer_keys, hosted_keys};
+
+/// What a load skipped, so that the refresher can log it once per key rather than per request.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// (key id, reason) of active keys that could not be routed.
+    pub unroutable: Vec<(i64, String)>,
+}
+
+/// A parsed seller base URL, before resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BaseUrl {
+    tls: bool,
+    host: String,
+    port: u16,
+    base_path: String,
+}
+
+fn parse_base_url(raw: &str) -> Result<BaseUrl, String> {
+    let uri: http::Uri = raw.parse().map_err(|_| "base_url is not a valid URL".to_string())?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err("base_url must be http or https".into()),
+    };
+    let host = uri.host().ok_or("base_url has no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Ok(BaseUrl { tls, host, port, base_path })
+}
+
+/// Caches host resolutions between refreshes; entries older than the TTL are resolved again, and a failed
+/// re-resolution keeps the last good address rather than dropping a working key.
+pub struct HostResolver {
+    ttl: Duration,
+    cache: HashMap<(String, u16), (SocketAddr, Instant)>,
+}
+
+impl HostResolver {
+    pub fn new(ttl: Duration) -> Self {
+        Self { ttl, cache: HashMap::new() }
+    }
+
+    async fn resolve_all(&mut self, wanted: HashSet<(String, u16)>) -> HashMap<(String, u16), SocketAddr> {
+        let mut out = HashMap::with_capacity(wanted.len());
+        for (host, port) in wanted {
+            let cached = self.cache.get(&(host.clone(), port)).copied();
+            let fresh = cached.filter(|(_, at)| at.elapsed() < self.ttl).map(|(addr, _)| addr);
+            let addr = match fresh {
+                Some(addr) => Some(addr),
+                None => match resolve(&host, port).await {
+                    Some(addr) => {
+                        self.cache.insert((host.clone(), port), (addr, Instant::now()));
+                        Some(addr)
+                    }
+                    None => cached.map(|(addr, _)| addr),
+                },
+            };
+            if let Some(addr) = addr {
+                out.insert((host, port), addr);
+            }
+        }
+        out
+    }
+}
+
+async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Some(SocketAddr::new(ip, port));
+    }
+    match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(mut addrs)) => addrs.next(),
+        Ok(Err(e)) => {
+            tracing::warn!(host, error = %e, "cannot resolve seller base URL host");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(host, "resolving seller base URL host timed out");
+            None
+        }
+    }
+}
+
+/// Loads every key from the database and builds a fresh snapshot.
+pub async fn load_snapshot(
+    db: &DatabaseConnection,
+    keyring: &Keyring,
+    resolver: &mut HostResolver,
+) -> Result<(PoolSnapshot, LoadReport), DbErr> {
+    let now = crate::now_ms();
+    let hosted = crate::db::hosted_keys::list_all(db).await?;
+    let buyers = crate::db::buyer_keys::list_usable(db, now).await?;
+    let wanted: HashSet<(String, u16)> = hosted
+        .iter()
+        .filter(|k| k.status == "active")
+        .filter_map(|k| parse_base_url(&k.base_url).ok())
+        .map(|u| (u.host, u.port))
+        .collect();
+    let resolved = resolver.resolve_all(wanted).await;
+    Ok(build_snapshot(hosted, buyers, keyring, &resolved, now))
+}
+
+/// Builds a snapshot from rows and already-resolved addresses. Pure apart from decryption, so it is
+/// unit-testable and cheap to time for large pools.
+pub fn build_snapshot(
+    hosted: Vec<hosted_keys::Model>,
+    buyers: Vec<buyer_keys::Model>,
+    keyring: &Keyring,
+    resolved: &HashMap<(String, u16), SocketAddr>,
+    now_ms: i64,
+) -> (PoolSnapshot, LoadReport) {
+    let mut report = LoadReport::default();
+    let mut counts = StatusCounts::default();
+    let mut known_models = HashSet::new();
+    let mut by_model: HashMap<String, Vec<Arc<SellerKey>>> = HashMap::new();
+
+    for row in hosted {
+        let models: Vec<&str> = row.models.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+        known_models.extend(models.iter().map(|m| m.to_string()));
+        match row.status.as_str() {
+            "active" => counts.active += 1,
+            "paused" => counts.paused += 1,
+            "depleted" => counts.depleted += 1,
+            "flagged" => counts.flagged += 1,
+            _ => {}
+        }
+        if row.status != "active" {
+            continue;
+        }
+        match routable_key(&row, keyring, resolved) {
+            Ok(key) => {
+                let key = Arc::new(key);
+                for model in models {
+                    by_model.entry(model.to_string()).or_default().push(key.clone());
+                }
+            }
+            Err(reason) => {
+                counts.unroutable += 1;
+                report.unroutable.push((row.id, reason));
+            }
+        }
+    }
+
+    let buyers = buyers
+        .into_iter()
+        .filter_map(|row| {
+            let mut key_hash = [0u8; 32];
+            // A malformed stored hash can never match; skip it rather than fail the whole load.
+            hex::decode_to_slice(&row.key_hash, &mut key_hash).ok()?;
+            let allowed_models = row.models.as_deref().map(|m| {
+                m.split(',').map(str::trim).filter(|m| !m.is_empty()).map(String::from).collect::<HashSet<_>>()
+            });
+            Some((
+                row.lookup_id,
+                BuyerKey { id: row.id, user_id: row.user_id, key_hash, allowed_models, expires_at_ms: row.expires_at_ms },
+            ))
+        })
+        .collect();
+
+    let routes = by_model.into_iter().map(|(model, keys)| (model, ModelRoute::new(keys))).collect();
+    let snapshot = PoolSnapshot { buyers, routes, known_models, status_counts: counts, loaded_at_ms: now_ms };
+    (snapshot, report)
+}
+
+fn routable_key(
+    row: &hosted_keys::Model,
+    keyring: &Keyring,
+    resolved: &HashMap<(String, u16), SocketAddr>,
+) -> Result<SellerKey, String> {
+    let url = parse_base_url(&row.base_url)?;
+    let addr = *resolved.get(&(url.host.clone(), url.port)).ok_or("base_url host does not resolve")?;
+    let secret = keyring
+        .decrypt(&row.api_key_enc, &format!("hosted_keys:{}", row.uid))
+        .map_err(|e| format!("cannot decrypt the stored key: {e}"))?;
+    let mut authorization = HeaderValue::try_from(format!("Bearer {}", secret.expose()))
+        .map_err(|_| "the stored key is not a valid header value".to_string())?;
+    authorization.set_sensitive(true);
+    let default_port = if url.tls { 443 } else { 80 };
+    let authority = if url.port == default_port {
+        bracket_ipv6(&url.host)
+    } else {
+        format!("{}:{}", bracket_ipv6(&url.host), url.port)
+    };
+    Ok(SellerKey {
+        id: row.id,
+        owner_id: row.owner_id,
+        provider: row.provider.clone(),
+        upstream: Upstream { addr, tls: url.tls, host: url.host, authority, base_path: url.base_path },
+        authorization,
+        // Weight grows linearly with the remaining balance; a key with nothing left still gets a minimal share
+        // until risk control marks it depleted.
+        weight: u64::try_from(row.remaining_balance).unwrap_or(0).max(1),
+    })
+}
+
+fn bracket_ipv6(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_parse_with_defaults() {
+        let u = parse_base_url("https://api.openai.com/v1/").unwrap();
+        assert_eq!(u, BaseUrl { tls: true, host: "api.openai.com".into(), port: 443, base_path: "/v1".into() });
+        let u = parse_base_url("http://127.0.0.1:8000").unwrap();
+        assert_eq!(u, BaseUrl { tls: false, host: "127.0.0.1".into(), port: 8000, base_path: String::new() });
+        let u = parse_base_url("http://[::1]:9/api/v1").unwrap();
+        assert_eq!(u.host, "::1");
+        assert_eq!(u.base_path, "/api/v1");
+        assert!(parse_base_url("ftp://x/v1").is_err());
+        assert!(parse_base_url("not a url").is_err());
+    }
+}

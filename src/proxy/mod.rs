@@ -1,0 +1,293 @@
+//! The gateway: a Pingora `ProxyHttp` service. The hooks are thin; the decisions live in plain functions.
+//!
+//! Request flow. The client's request (the *main* request) is authenticated, its body read (bounded) and
+//! inspected, and a key picked in `request_filter`, which then answers it itself (`Ok(true)`) by piping one
+//! *subrequest* per attempt with the prepared body preset. Each subrequest runs the upstream hooks
+//! (`upstream_peer`, header rewriting, response metering) for one seller key. This works around Pingora
+//! 0.9's 64 KiB retry buffer (see STYLE.md), and lets a failed attempt be replayed on another key with
+//! the saved bytes as long as nothing has reached the buyer.
+
+mod attempt;
+mod call;
+pub mod error;
+pub mod route;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{ErrorSource, ErrorType};
+
+pub use attempt::{is_retryable_status, metered_tokens, Attempt, AttemptOutcome, CallPlan, Failure};
+use attempt::SubrequestState;
+
+use crate::pool::SharedPool;
+use crate::usage::UsageSink;
+
+/// Request headers of the buyer that must never reach a seller's provider.
+const STRIP_UPSTREAM_REQUEST_HEADERS: &[&str] = &[
+    "cookie",
+    "x-api-key",
+    "api-key",
+    "openai-organization",
+    "openai-project",
+    "proxy-authorization",
+    "forwarded",
+    "x-forwarded-for",
+    "x-real-ip",
+    "expect",
+    "transfer-encoding",
+];
+
+/// Response headers of the provider that describe the seller's account rather than the response.
+const STRIP_RESPONSE_HEADERS: &[&str] = &[
+    "openai-organization",
+    "openai-project",
+    "set-cookie",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+];
+
+#[derive(Clone, Debug)]
+pub struct GatewaySettings {
+    pub max_body_bytes: usize,
+    pub max_attempts: usize,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub max_metered_response_bytes: usize,
+}
+
+impl GatewaySettings {
+    pub fn from_config(c: &crate::config::GatewayConfig) -> Self {
+        Self {
+            max_body_bytes: c.max_body_bytes,
+            max_attempts: c.max_attempts,
+            connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+            read_timeout: Duration::from_millis(c.read_timeout_ms),
+            write_timeout: Duration::from_millis(c.write_timeout_ms),
+            max_metered_response_bytes: c.max_metered_response_bytes,
+        }
+    }
+}
+
+pub struct Gateway {
+    pool: SharedPool,
+    usage: UsageSink,
+    settings: GatewaySettings,
+}
+
+impl Gateway {
+    pub fn new(pool: SharedPool, usage: UsageSink, settings: GatewaySettings) -> Self {
+        Self { pool, usage, settings }
+    }
+}
+
+/// Per-request state: empty for the main request, the attempt's state for a subrequest.
+#[derive(Default)]
+pub struct RequestCtx {
+    sub: Option<SubrequestState>,
+}
+
+fn sub_state(ctx: &mut RequestCtx) -> Result<&mut SubrequestState> {
+    ctx.sub.as_mut().ok_or_else(|| Error::explain(ErrorType::InternalError, "upstream hook outside a subrequest"))
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &RequestCtx) -> bool {
+        session.subrequest_ctx.is_none()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let attempt = session
+            .subrequest_ctx
+            .as_ref()
+            .map(|sub| sub.user_ctx().and_then(|u| u.downcast_ref::<Arc<Attempt>>()).cloned());
+        match attempt {
+            None => call::serve(self, session).await,
+            Some(None) => Err(Error::explain(ErrorType::InternalError, "subrequest without an attempt")),
+            Some(Some(attempt)) => {
+                // The subrequest copied the client's raw headers; the body it sends is the prepared one.
+                let req = session.req_header_mut();
+                let _ = req.remove_header("transfer-encoding");
+                let _ = req.remove_header("expect");
+                req.insert_header("content-length", attempt.plan.body.len().to_string())?;
+                ctx.sub = Some(SubrequestState::new(attempt));
+                Ok(false)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let state = sub_state(ctx)?;
+        let upstream = &state.attempt.key.upstream;
+        let mut peer = HttpPeer::new(upstream.addr, upstream.tls, upstream.host.clone());
+        let options = &mut peer.options;
+        options.connection_timeout = Some(self.settings.connect_timeout);
+        options.total_connection_timeout = Some(self.settings.connect_timeout * 2);
+        options.read_timeout = Some(self.settings.read_timeout);
+        options.write_timeout = Some(self.settings.write_timeout);
+        options.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let state = sub_state(ctx)?;
+        let key = &state.attempt.key;
+        let plan = &state.attempt.plan;
+        let path = format!("{}{}", key.upstream.base_path, plan.endpoint.upstream_suffix());
+        let uri = path.parse::<http::Uri>().map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
+        upstream_request.set_uri(uri);
+        for name in STRIP_UPSTREAM_REQUEST_HEADERS {
+            let _ = upstream_request.remove_header(*name);
+        }
+        upstream_request.insert_header("host", key.upstream.authority.as_str())?;
+        upstream_request.insert_header("authorization", key.authorization.clone())?;
+        // The body is metered as it passes: it must arrive uncompressed.
+        upstream_request.insert_header("accept-encoding", "identity")?;
+        upstream_request.insert_header("content-length", plan.body.len().to_string())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(state) = ctx.sub.as_mut() else {
+            return Ok(());
+        };
+        let status = response.status.as_u16();
+        if is_retryable_status(status) {
+            let mut outcome = state.attempt.outcome();
+            outcome.status = status;
+            outcome.failure = Some(Failure::Status(status));
+            return Err(Error::explain(ErrorType::HTTPStatus(status), "upstream status calls for another key"));
+        }
+        {
+            let mut outcome = state.attempt.outcome();
+            outcome.status = status;
+            outcome.response_started = true;
+        }
+        for name in STRIP_RESPONSE_HEADERS {
+            let _ = response.remove_header(*name);
+        }
+        response.insert_header("x-tokex-request-id", state.attempt.plan.request_id.as_str())?;
+        if response.status.is_success() {
+            let event_stream = response
+                .headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+            state.start_metering(event_stream);
+            if event_stream && state.attempt.plan.strip_usage_chunk {
+                // The usage-only event is removed, so the length changes: send it chunked.
+                let _ = response.remove_header("content-length");
+            }
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(state) = ctx.sub.as_mut() {
+            state.on_body(body, end_of_stream);
+        }
+        Ok(None)
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(state) = ctx.sub.as_mut() {
+            let failure = match e.etype() {
+                ErrorType::ConnectTimedout | ErrorType::TLSHandshakeTimedout => Failure::Timeout,
+                _ => Failure::Connect,
+            };
+            state.attempt.outcome().failure.get_or_insert(failure);
+        }
+        // Failover to another key is decided by the main request, not by retrying this one.
+        e.set_retry(false);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // A pooled connection the provider had already closed is safe to retry once on a fresh one, as long
+        // as the body can be replayed; the default refuses all POST retries.
+        if session.as_ref().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        if let Some(state) = ctx.sub.as_mut() {
+            // Nothing is written from a subrequest: the main request decides between failover and an error.
+            let mut outcome = state.attempt.outcome();
+            if !outcome.response_started && outcome.failure.is_none() {
+                outcome.failure = Some(match e.etype() {
+                    ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+                    ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => Failure::Connect,
+                    _ => Failure::Other,
+                });
+            }
+            return FailToProxy { error_code: 502, can_reuse_downstream: false };
+        }
+        if session.response_written().is_some() || matches!(e.esource(), ErrorSource::Downstream) {
+            return FailToProxy { error_code: 0, can_reuse_downstream: false };
+        }
+        let error = error::GatewayError::Internal;
+        let _ = call::respond_error(session, &error, None).await;
+        FailToProxy { error_code: error.status(), can_reuse_downstream: false }
+    }
+
+    fn suppress_error_log(&self, session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        // Attempt failures are logged by the main request with the key id; client disconnects are routine.
+        session.subrequest_ctx.is_some() || matches!(e.esource(), ErrorSource::Downstream)
+    }
+
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(state) = ctx.sub.as_mut() {
+            state.finalize(e.is_some());
+        }
+    }
+}
