@@ -167,17 +167,24 @@ pub fn serve(config: Config) -> Result<(), AppError> {
                 },
                 shutdown_rx.clone(),
             )),
-            tokio::spawn(serve_http(admin_listener, crate::admin::router(admin_state), shutdown_rx.clone())),
+            tokio::spawn(serve_admin_when_ready(
+                admin_listener,
+                crate::admin::router(admin_state),
+                config.gateway.listen.clone(),
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(serve_http(metrics_listener, metrics_router(), shutdown_rx.clone())),
         ];
         let gateway = Gateway::new(shared_pool, usage_sink, GatewaySettings::from_config(&config.gateway));
         Ok::<_, AppError>((gateway, background))
     })?;
 
-    let mut server_conf = ServerConf::default();
-    server_conf.threads = config.gateway.threads;
-    server_conf.grace_period_seconds = Some(config.gateway.grace_period_secs);
-    server_conf.graceful_shutdown_timeout_seconds = Some(config.gateway.grace_period_secs.max(1));
+    let server_conf = ServerConf {
+        threads: config.gateway.threads,
+        grace_period_seconds: Some(config.gateway.grace_period_secs),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
     let mut proxy = pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "gateway");
@@ -203,6 +210,26 @@ pub fn serve(config: Config) -> Result<(), AppError> {
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// `/healthz` on the admin port is what load balancers and orchestrators poll, so it must not answer
+/// before the gateway port does. The admin socket is bound early (a port conflict fails the start), but
+/// it serves only once the gateway listener, which Pingora opens on its own runtime, accepts connections.
+async fn serve_admin_when_ready(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    gateway_addr: String,
+    shutdown: watch::Receiver<bool>,
+) {
+    let started = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(&gateway_addr).await.is_err() {
+        if started.elapsed() > Duration::from_secs(60) {
+            tracing::error!(gateway = %gateway_addr, "the gateway port does not accept connections; serving the admin API anyway");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    serve_http(listener, router, shutdown).await;
 }
 
 async fn serve_http(listener: tokio::net::TcpListener, router: axum::Router, mut shutdown: watch::Receiver<bool>) {

@@ -71,7 +71,7 @@ pub struct SellerKeyAdd {
 pub fn migrate(config: &Config) -> Result<(), AppError> {
     app_runtime()?.block_on(async {
         open_database(config).await?;
-        println!("{}", json!({"migrated": true}));
+        emit(&json!({"migrated": true}));
         Ok(())
     })
 }
@@ -82,7 +82,7 @@ pub fn user(config: &Config, command: UserCommand) -> Result<(), AppError> {
     app_runtime()?.block_on(async {
         let db = open_database(config).await?;
         let user = accounts::create_user(&db, &username, &password, &roles).await?;
-        println!("{}", json!({"id": user.id, "username": user.username, "roles": accounts::roles_of(&user)}));
+        emit(&json!({"id": user.id, "username": user.username, "roles": accounts::roles_of(&user)}));
         Ok(())
     })
 }
@@ -93,7 +93,7 @@ pub fn buyer_key(config: &Config, command: BuyerKeyCommand) -> Result<(), AppErr
         let db = open_database(config).await?;
         let user = accounts::find_user(&db, &username).await?;
         let (key, plaintext) = accounts::issue_buyer_key(&db, user.id, &name, models, expires_at_ms).await?;
-        println!("{}", json!({"id": key.id, "key": plaintext.expose()}));
+        emit(&json!({"id": key.id, "key": plaintext.expose()}));
         Ok(())
     })
 }
@@ -118,7 +118,13 @@ pub fn seller_key(config: &Config, command: SellerKeyCommand) -> Result<(), AppE
             },
         )
         .await?;
-        println!("{}", json!({"id": key.id, "key_hint": key.key_hint}));
+        emit(&json!({"id": key.id, "key_hint": key.key_hint}));
         Ok(())
     })
+}
+
+/// Standard output is this command's interface: one JSON document per command.
+#[allow(clippy::print_stdout)]
+fn emit(value: &serde_json::Value) {
+    println!("{value}");
 }

@@ -14,6 +14,7 @@ const NON_SETTING_VARS: &[&str] = &[
     "TOKEX_PREVIOUS_MASTER_KEYS",
     "TOKEX_ADMIN_PASSWORD",
     "TOKEX_SELLER_API_KEY",
+    "TOKEX_NEW_USER_PASSWORD",
     "TOKEX_LOG",
 ];
 
@@ -75,7 +76,7 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// Empty: single node. Set it when several gateway nodes share one database, so that an admin change
@@ -134,7 +135,7 @@ impl Default for GatewayConfig {
             read_timeout_ms: 120_000,
             write_timeout_ms: 30_000,
             max_metered_response_bytes: 8 * 1024 * 1024,
-            grace_period_secs: 30,
+            grace_period_secs: 20,
         }
     }
 }
@@ -154,12 +155,6 @@ impl Default for MetricsConfig {
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self { url: "sqlite://data/token-exchange.db".into(), max_connections: 10 }
-    }
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self { url: String::new() }
     }
 }
 

@@ -34,7 +34,7 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<CreatedBuyerKey>), ApiError> {
     let (key, plaintext) =
         accounts::issue_buyer_key(&state.db, user.id, &req.name, req.models, req.expires_at_ms).await?;
-    state.refresh.request();
+    state.refresh.request_and_wait().await;
     let body = CreatedBuyerKey { key: plaintext.expose().to_string(), meta: BuyerKeyView::new(&key, crate::now_ms()) };
     Ok((StatusCode::CREATED, Json(body)))
 }
@@ -51,6 +51,6 @@ pub async fn revoke(
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<BuyerKeyView>, ApiError> {
     let key = accounts::revoke_buyer_key(&state.db, user.id, id).await?;
-    state.refresh.request();
+    state.refresh.request_and_wait().await;
     Ok(Json(BuyerKeyView::new(&key, crate::now_ms())))
 }

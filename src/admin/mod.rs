@@ -3,7 +3,8 @@
 //! Every error answers `{"error":{"code":"...","message":"..."}}` with its status, including malformed
 //! requests. Authentication is a bearer session token from `/api/v1/auth/login`; each route needs one
 //! role, and another user's object is reported as missing (404), never as forbidden, so that ids reveal
-//! nothing. Changes that affect routing or buyer authentication ask the pool to refresh at once.
+//! nothing. Changes that affect routing or buyer authentication reload the pool and answer only once the reload
+//! is in place, so a revoked key is refused from the moment the revocation is confirmed.
 
 mod auth;
 mod buyer;

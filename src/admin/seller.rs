@@ -43,7 +43,7 @@ pub async fn create(
         declared_balance: req.declared_balance,
     };
     let key = accounts::add_seller_key(&state.db, &state.keyring, user.id, new).await?;
-    state.refresh.request();
+    state.refresh.request_and_wait().await;
     Ok((StatusCode::CREATED, Json(SellerKeyView::from(&key))))
 }
 
@@ -82,6 +82,6 @@ pub async fn resume(
 
 async fn set_paused(state: AdminState, owner_id: i64, id: i64, paused: bool) -> Result<Json<SellerKeyView>, ApiError> {
     let key = accounts::set_seller_key_paused(&state.db, owner_id, id, paused).await?;
-    state.refresh.request();
+    state.refresh.request_and_wait().await;
     Ok(Json(SellerKeyView::from(&key)))
 }

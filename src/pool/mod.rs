@@ -9,6 +9,7 @@ mod refresh;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -19,17 +20,72 @@ use subtle::ConstantTimeEq;
 pub use load::{build_snapshot, load_snapshot, HostResolver, LoadReport};
 pub use refresh::{Refresher, RefresherConfig};
 
-/// Asks the pool refresher to reload from the database now (after an admin change).
+/// Asks the pool refresher to reload from the database now (after an admin change), and lets the caller
+/// wait until the reload is in place, so that an admin API answer means "in effect on this node".
 #[derive(Clone, Default)]
-pub struct RefreshHandle(Arc<tokio::sync::Notify>);
+pub struct RefreshHandle(Arc<RefreshState>);
+
+#[derive(Default)]
+struct RefreshState {
+    wake: tokio::sync::Notify,
+    /// Generation of the latest request.
+    requested: AtomicU64,
+    /// Highest request generation that a completed reload covers.
+    applied: tokio::sync::watch::Sender<u64>,
+    /// Set while a refresher serves this handle; without one (unit tests) nobody would ever answer.
+    attached: AtomicBool,
+}
+
+/// How long an admin change waits for the pool to pick it up before answering anyway.
+const APPLY_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl RefreshHandle {
-    pub fn request(&self) {
-        self.0.notify_one();
+    /// Requests a reload without waiting.
+    pub fn request(&self) -> u64 {
+        let generation = self.0.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        self.0.wake.notify_one();
+        generation
     }
 
-    pub async fn requested(&self) {
-        self.0.notified().await;
+    /// Requests a reload and waits (bounded) until a snapshot loaded after this call serves requests.
+    /// Returns false when it did not happen in time; the change then applies with a later reload.
+    pub async fn request_and_wait(&self) -> bool {
+        let generation = self.request();
+        if !self.0.attached.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut applied = self.0.applied.subscribe();
+        let done = tokio::time::timeout(APPLY_WAIT_LIMIT, applied.wait_for(|g| *g >= generation)).await;
+        let in_time = matches!(done, Ok(Ok(_)));
+        if !in_time {
+            tracing::warn!("the key pool did not reload in time; the change applies with the next reload");
+        }
+        in_time
+    }
+
+    /// For the refresher: waits for a request.
+    pub(crate) async fn requested(&self) {
+        self.0.wake.notified().await;
+    }
+
+    /// For the refresher: the generation a reload starting now will cover.
+    pub(crate) fn current_generation(&self) -> u64 {
+        self.0.requested.load(Ordering::SeqCst)
+    }
+
+    /// For the refresher: a reload that started at `generation` is in place.
+    pub(crate) fn mark_applied(&self, generation: u64) {
+        self.0.applied.send_if_modified(|g| {
+            let newer = generation > *g;
+            if newer {
+                *g = generation;
+            }
+            newer
+        });
+    }
+
+    pub(crate) fn attach(&self, attached: bool) {
+        self.0.attached.store(attached, Ordering::SeqCst);
     }
 }
 
@@ -266,6 +322,31 @@ mod tests {
         assert!((share3 - 0.75).abs() < 0.015, "share {share3}");
         assert!(route.pick(&mut rng, &[1, 2, 3]).is_none());
         assert!(ModelRoute::new(vec![]).pick(&mut rng, &[]).is_none());
+    }
+
+    #[tokio::test]
+    async fn admin_changes_wait_for_the_reload_that_covers_them() {
+        let handle = RefreshHandle::default();
+        // No refresher attached: nothing would ever answer, so do not wait.
+        assert!(!handle.request_and_wait().await);
+
+        handle.attach(true);
+        let refresher = handle.clone();
+        let reloads = Arc::new(AtomicU64::new(0));
+        let counted = reloads.clone();
+        tokio::spawn(async move {
+            loop {
+                refresher.requested().await;
+                let generation = refresher.current_generation();
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                counted.fetch_add(1, Ordering::SeqCst);
+                refresher.mark_applied(generation);
+            }
+        });
+        assert!(handle.request_and_wait().await);
+        assert!(reloads.load(Ordering::SeqCst) >= 1, "answered before any reload completed");
+        let (a, b) = tokio::join!(handle.request_and_wait(), handle.request_and_wait());
+        assert!(a && b);
     }
 
     #[test]

@@ -68,6 +68,7 @@ impl Refresher {
     pub async fn run(mut self, handle: RefreshHandle, config: RefresherConfig, mut shutdown: watch::Receiver<bool>) {
         let peers = PeerNotifier::connect(&config.redis_url).await;
         let mut peer_changes = peers.as_ref().map(|p| p.subscriber.message_rx());
+        handle.attach(true);
         let mut ticker = tokio::time::interval(config.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -90,10 +91,14 @@ impl Refresher {
                     }
                 }
             }
-            if let Err(e) = self.refresh().await {
-                tracing::error!(error = %e, "pool refresh failed; keeping the previous snapshot");
+            // Any reload that starts after a request covers it.
+            let generation = handle.current_generation();
+            match self.refresh().await {
+                Ok(()) => handle.mark_applied(generation),
+                Err(e) => tracing::error!(error = %e, "pool refresh failed; keeping the previous snapshot"),
             }
         }
+        handle.attach(false);
         if let Some(peers) = peers {
             peers.close().await;
         }
@@ -101,16 +106,13 @@ impl Refresher {
 }
 
 async fn recv_peer(rx: &mut Option<tokio::sync::broadcast::Receiver<Message>>) -> Option<()> {
-    match rx {
-        Some(rx) => loop {
-            match rx.recv().await {
-                Ok(_) => return Some(()),
-                // Missed messages still mean "something changed".
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return Some(()),
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-            }
-        },
-        None => std::future::pending().await,
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        // Missed messages still mean "something changed".
+        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Some(()),
+        Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
     }
 }
 

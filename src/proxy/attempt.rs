@@ -111,6 +111,8 @@ impl Attempt {
 }
 
 /// How the subrequest meters the body it passes on.
+// One per attempt, never moved around: boxing the large variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum BodyMeter {
     Stream(StreamMeter),
     Json(JsonMeter),
