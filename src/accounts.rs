@@ -474,6 +474,37 @@ pub fn hosted_key_aad(uid: &str) -> String {
     format!("hosted_keys:{uid}")
 }
 
+/// What a master-key rotation did.
+#[derive(Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RotationReport {
+    pub rotated: u64,
+    pub already_current: u64,
+    /// Keys whose ciphertext none of the configured master keys opens (ids only, never key material).
+    pub undecryptable: Vec<i64>,
+}
+
+/// Re-encrypts every seller key that is not yet under the keyring's current master key. Run it after
+/// setting a new `TOKEX_MASTER_KEY` with the old one in `TOKEX_PREVIOUS_MASTER_KEYS`; once it reports no
+/// undecryptable keys, the old key can be retired. Safe to run again or concurrently.
+pub async fn rotate_master_key(db: &DatabaseConnection, keyring: &Keyring) -> Result<RotationReport, AccountError> {
+    let mut report = RotationReport::default();
+    for key in queries::hosted_keys::list_all(db).await? {
+        if !keyring.needs_rotation(&key.api_key_enc) {
+            report.already_current += 1;
+            continue;
+        }
+        match keyring.rotate(&key.api_key_enc, &hosted_key_aad(&key.uid)) {
+            Ok(rotated) => {
+                if queries::hosted_keys::replace_ciphertext(db, key.id, &key.api_key_enc, &rotated, crate::now_ms()).await? {
+                    report.rotated += 1;
+                }
+            }
+            Err(_) => report.undecryptable.push(key.id),
+        }
+    }
+    Ok(report)
+}
+
 /// Validates and deposits a seller key, encrypted, with status active and its full declared balance.
 pub async fn add_seller_key(
     db: &DatabaseConnection,

@@ -123,6 +123,24 @@ pub fn seller_key(config: &Config, command: SellerKeyCommand) -> Result<(), AppE
     })
 }
 
+pub fn rotate_master_key(config: &Config) -> Result<(), AppError> {
+    app_runtime()?.block_on(async {
+        let db = open_database(config).await?;
+        let keyring = load_keyring(config)?;
+        let report = accounts::rotate_master_key(&db, &keyring).await?;
+        emit(&json!({"current_kid": keyring.current_kid(), "report": report}));
+        if report.undecryptable.is_empty() {
+            Ok(())
+        } else {
+            Err(AppError::MasterKey(format!(
+                "{} seller key(s) could not be decrypted with the configured master keys: ids {:?}",
+                report.undecryptable.len(),
+                report.undecryptable
+            )))
+        }
+    })
+}
+
 /// Standard output is this command's interface: one JSON document per command.
 #[allow(clippy::print_stdout)]
 fn emit(value: &serde_json::Value) {

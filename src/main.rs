@@ -32,6 +32,8 @@ enum Command {
     /// Manage pooled seller keys.
     #[command(subcommand, name = "seller-key")]
     SellerKey(cli::SellerKeyCommand),
+    /// Re-encrypt every seller key under TOKEX_MASTER_KEY (old keys in TOKEX_PREVIOUS_MASTER_KEYS).
+    RotateMasterKey,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::User(cmd) => cli::user(&config, cmd),
         Command::BuyerKey(cmd) => cli::buyer_key(&config, cmd),
         Command::SellerKey(cmd) => cli::seller_key(&config, cmd),
+        Command::RotateMasterKey => cli::rotate_master_key(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

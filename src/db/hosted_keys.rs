@@ -84,6 +84,25 @@ pub async fn transition_status(
     Ok(result.rows_affected > 0)
 }
 
+/// Replaces the stored ciphertext if it is still `expected`: a key rotation running on two machines, or
+/// racing with a seller's change, never overwrites a newer value. Returns whether the row changed.
+pub async fn replace_ciphertext(
+    db: &impl ConnectionTrait,
+    key_id: i64,
+    expected: &str,
+    replacement: &str,
+    now_ms: i64,
+) -> Result<bool, DbErr> {
+    let result = Entity::update_many()
+        .col_expr(Column::ApiKeyEnc, Expr::value(replacement))
+        .col_expr(Column::UpdatedAtMs, Expr::value(now_ms))
+        .filter(Column::Id.eq(key_id))
+        .filter(Column::ApiKeyEnc.eq(expected))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected > 0)
+}
+
 /// What the gateway observed for one key over a batch of requests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyOutcome {
