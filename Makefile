@@ -37,8 +37,9 @@ run: setup-system
 test: setup
 	$(CARGO) test $(CARGO_TEST_FLAGS)
 
-# The code rules CI enforces: no unwrap/expect/panic/println outside tests, no warnings.
+# The code rules CI enforces: rustfmt, and no unwrap/expect/panic/println outside tests, no warnings.
 lint: setup-system
+	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Databases left behind on MariaDB by killed test runs (the tests also drop these themselves).

@@ -495,7 +495,9 @@ pub async fn rotate_master_key(db: &DatabaseConnection, keyring: &Keyring) -> Re
         }
         match keyring.rotate(&key.api_key_enc, &hosted_key_aad(&key.uid)) {
             Ok(rotated) => {
-                if queries::hosted_keys::replace_ciphertext(db, key.id, &key.api_key_enc, &rotated, crate::now_ms()).await? {
+                if queries::hosted_keys::replace_ciphertext(db, key.id, &key.api_key_enc, &rotated, crate::now_ms())
+                    .await?
+                {
                     report.rotated += 1;
                 }
             }

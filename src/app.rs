@@ -61,18 +61,23 @@ pub fn load_keyring(config: &Config) -> Result<Keyring, AppError> {
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|k| crypto::parse_master_key(k).map_err(|e| AppError::MasterKey(format!("TOKEX_PREVIOUS_MASTER_KEYS: {e}"))))
+            .map(|k| {
+                crypto::parse_master_key(k).map_err(|e| AppError::MasterKey(format!("TOKEX_PREVIOUS_MASTER_KEYS: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?,
         Err(_) => Vec::new(),
     };
     if let Ok(value) = std::env::var("TOKEX_MASTER_KEY") {
-        let key = crypto::parse_master_key(value.trim()).map_err(|e| AppError::MasterKey(format!("TOKEX_MASTER_KEY: {e}")))?;
+        let key = crypto::parse_master_key(value.trim())
+            .map_err(|e| AppError::MasterKey(format!("TOKEX_MASTER_KEY: {e}")))?;
         return Ok(Keyring::new(key, previous));
     }
     let path = config.master_key_path();
     if path.exists() {
-        let text = std::fs::read_to_string(&path).map_err(|e| AppError::MasterKey(format!("{}: {e}", path.display())))?;
-        let key = crypto::parse_master_key(text.trim()).map_err(|e| AppError::MasterKey(format!("{}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| AppError::MasterKey(format!("{}: {e}", path.display())))?;
+        let key = crypto::parse_master_key(text.trim())
+            .map_err(|e| AppError::MasterKey(format!("{}: {e}", path.display())))?;
         return Ok(Keyring::new(key, previous));
     }
     if !config.is_embedded_database() {

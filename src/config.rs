@@ -132,7 +132,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 16 * 1024 * 1024,
             max_attempts: 3,
             connect_timeout_ms: 5_000,
-            read_timeout_ms: 120_000,
+            read_timeout_ms: 600_000,
             write_timeout_ms: 30_000,
             max_metered_response_bytes: 8 * 1024 * 1024,
             grace_period_secs: 20,
@@ -203,10 +203,8 @@ impl Config {
 
     /// Builds the configuration from a file's text (with its name, for errors) and `TOKEX_` variables.
     pub fn from_layers(file: Option<(&str, &str)>, vars: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
-        let defaults = toml::Value::try_from(Config::default()).map_err(|e| ConfigError::Parse {
-            path: "<defaults>".into(),
-            message: e.to_string(),
-        })?;
+        let defaults = toml::Value::try_from(Config::default())
+            .map_err(|e| ConfigError::Parse { path: "<defaults>".into(), message: e.to_string() })?;
         let mut merged = defaults.clone();
         if let Some((path, text)) = file {
             let parsed: toml::Value = text
@@ -329,9 +327,9 @@ fn apply_env(defaults: &toml::Value, merged: &mut toml::Value, var: &str, raw: &
         toml::Value::Integer(_) => {
             toml::Value::Integer(raw.trim().parse().map_err(|_| env_err(format!("expected an integer, got {raw:?}")))?)
         }
-        toml::Value::Boolean(_) => {
-            toml::Value::Boolean(raw.trim().parse().map_err(|_| env_err(format!("expected true or false, got {raw:?}")))?)
-        }
+        toml::Value::Boolean(_) => toml::Value::Boolean(
+            raw.trim().parse().map_err(|_| env_err(format!("expected true or false, got {raw:?}")))?,
+        ),
         toml::Value::String(_) => toml::Value::String(raw.to_string()),
         _ => return Err(env_err("this setting cannot be set from the environment".into())),
     };
@@ -359,7 +357,10 @@ mod tests {
             match value.as_table() {
                 Some(keys) => {
                     for key in keys.keys() {
-                        assert!(file.get(section).and_then(|s| s.get(key)).is_some(), "{section}.{key} is not in the file");
+                        assert!(
+                            file.get(section).and_then(|s| s.get(key)).is_some(),
+                            "{section}.{key} is not in the file"
+                        );
                     }
                 }
                 None => assert!(file.contains_key(section), "{section} is not in the file"),

@@ -13,10 +13,10 @@
 //! - `cli`: the admin commands of the binary; `telemetry`: logging.
 //! - `app`: wires config, database, services and listeners together.
 
+pub mod accounts;
 pub mod admin;
 pub mod app;
 pub mod cli;
-pub mod accounts;
 pub mod config;
 pub mod credentials;
 pub mod crypto;

@@ -3,8 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
 };
 
 /// Latency buckets in seconds: LLM calls range from milliseconds (cached embeddings) to minutes (long streams).
@@ -57,8 +57,12 @@ impl Metrics {
                 LATENCY_BUCKETS.to_vec()
             )
             .expect("metric"),
-            tokens: register_int_counter_vec!("tokex_tokens_total", "Metered tokens by model and kind", &["model", "kind"])
-                .expect("metric"),
+            tokens: register_int_counter_vec!(
+                "tokex_tokens_total",
+                "Metered tokens by model and kind",
+                &["model", "kind"]
+            )
+            .expect("metric"),
             active_streams: register_int_gauge!("tokex_active_streams", "Streaming responses in progress")
                 .expect("metric"),
             pool_keys: register_int_gauge_vec!("tokex_pool_keys", "Seller keys in the pool by status", &["status"])

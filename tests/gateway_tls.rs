@@ -40,7 +40,11 @@ fn make_certificate(dir: &Path) -> (String, String) {
 }
 
 /// Starts the TLS relay in front of the mock; returns its port, the SNI names it saw, and the process.
-async fn start_tls_relay(cert: &str, key: &str, upstream: &str) -> (u16, Arc<Mutex<Vec<String>>>, tokio::process::Child) {
+async fn start_tls_relay(
+    cert: &str,
+    key: &str,
+    upstream: &str,
+) -> (u16, Arc<Mutex<Vec<String>>>, tokio::process::Child) {
     let script = common::repo_root().join("tests/python/tls_proxy.py");
     let mut child = tokio::process::Command::new(common::python())
         .arg(script)
@@ -76,7 +80,8 @@ async fn https_upstreams_are_verified_and_get_sni(backend: Backend) {
     let mock = env.mock.base_url();
     let mock_addr = mock.trim_start_matches("http://").trim_end_matches("/v1");
     let (port, sni, _relay) = start_tls_relay(&cert, &key, mock_addr).await;
-    let hosted = env.add_seller_key_at("seller", &format!("https://localhost:{port}/v1"), SELLER_KEY, &[MODEL], 1_000).await;
+    let hosted =
+        env.add_seller_key_at("seller", &format!("https://localhost:{port}/v1"), SELLER_KEY, &[MODEL], 1_000).await;
 
     // Trusted through SSL_CERT_FILE: stream and non-stream both work, metered as usual.
     let gateway = env.start_gateway_with(&[("SSL_CERT_FILE", cert.as_str())]).await;
@@ -88,7 +93,10 @@ async fn https_upstreams_are_verified_and_get_sni(backend: Backend) {
     assert!(records.iter().all(|r| r.hosted_key_id == Some(hosted) && r.completion_tokens == 4), "{records:#?}");
     let requests = env.mock.requests().await;
     assert!(requests.iter().all(|r| r.api_key.as_deref() == Some(SELLER_KEY)), "{requests:?}");
-    assert!(requests.iter().all(|r| r.headers.get("host").map(String::as_str) == Some(&format!("localhost:{port}"))), "{requests:?}");
+    assert!(
+        requests.iter().all(|r| r.headers.get("host").map(String::as_str) == Some(&format!("localhost:{port}"))),
+        "{requests:?}"
+    );
     assert!(sni.lock().unwrap().iter().any(|name| name == "localhost"), "SNI seen: {:?}", sni.lock().unwrap());
     drop(gateway);
 

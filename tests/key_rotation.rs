@@ -56,7 +56,8 @@ async fn rotation_moves_every_key_to_the_new_master_key(backend: Backend) {
     // A master key that opens nothing fails loudly, names the key ids, and prints no key material.
     let refused = rotate(&env, &wrong, "").await;
     assert!(!refused.status.success());
-    let all_output = format!("{}{}", String::from_utf8_lossy(&refused.stdout), String::from_utf8_lossy(&refused.stderr));
+    let all_output =
+        format!("{}{}", String::from_utf8_lossy(&refused.stdout), String::from_utf8_lossy(&refused.stderr));
     assert!(all_output.contains("could not be decrypted"), "{all_output}");
     assert!(!all_output.contains("rotate-secret") && !all_output.contains("rotate-other"), "{all_output}");
 }

@@ -30,18 +30,9 @@ impl MockUpstream {
             .expect("spawn mock-upstream");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read LISTENING line");
-        let addr = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        Self {
-            base: format!("http://{addr}"),
-            child,
-            http: reqwest::Client::new(),
-        }
+        BufReader::new(stdout).read_line(&mut line).expect("read LISTENING line");
+        let addr = line.trim().strip_prefix("LISTENING ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        Self { base: format!("http://{addr}"), child, http: reqwest::Client::new() }
     }
 
     fn url(&self, path: &str) -> String {
@@ -49,13 +40,7 @@ impl MockUpstream {
     }
 
     async fn post(&self, path: &str, api_key: &str, body: &Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .bearer_auth(api_key)
-            .json(body)
-            .send()
-            .await
-            .expect("send")
+        self.http.post(self.url(path)).bearer_auth(api_key).json(body).send().await.expect("send")
     }
 
     async fn chat(&self, api_key: &str, body: &Value) -> reqwest::Response {
@@ -63,14 +48,7 @@ impl MockUpstream {
     }
 
     async fn get_json(&self, path: &str) -> Value {
-        self.http
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json")
+        self.http.get(self.url(path)).send().await.expect("send").json().await.expect("json")
     }
 }
 
@@ -99,20 +77,14 @@ fn stream_request(max_tokens: u64, include_usage: bool) -> Value {
 /// and skipping comments.
 fn sse_payloads(body: &str) -> Vec<String> {
     let blocks: Vec<&str> = body.split("\n\n").collect();
-    assert_eq!(
-        blocks.last(),
-        Some(&""),
-        "body must end with a blank line: {body:?}"
-    );
+    assert_eq!(blocks.last(), Some(&""), "body must end with a blank line: {body:?}");
     let mut payloads = Vec::new();
     for block in &blocks[..blocks.len() - 1] {
         for line in block.split('\n') {
             if line.starts_with(':') {
                 continue;
             }
-            let payload = line
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+            let payload = line.strip_prefix("data: ").unwrap_or_else(|| panic!("unexpected line {line:?}"));
             payloads.push(payload.to_owned());
         }
     }
@@ -177,27 +149,13 @@ async fn non_stream_completion_has_openai_shape_and_usage() {
         })
     );
 
-    let default_length: Value = mock
-        .chat("sk-mock-abc", &json!({ "model": "m" }))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let default_length: Value = mock.chat("sk-mock-abc", &json!({ "model": "m" })).await.json().await.expect("json");
     assert_eq!(default_length["usage"]["completion_tokens"], 8);
     let preferred = json!({ "model": "m", "max_completion_tokens": 2, "max_tokens": 5 });
-    let preferred: Value = mock
-        .chat("sk-mock-abc", &preferred)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let preferred: Value = mock.chat("sk-mock-abc", &preferred).await.json().await.expect("json");
     assert_eq!(preferred["choices"][0]["message"]["content"], "tok0 tok1 ");
-    let clamped: Value = mock
-        .chat("sk-mock-abc", &json!({ "model": "m", "max_tokens": 0 }))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let clamped: Value =
+        mock.chat("sk-mock-abc", &json!({ "model": "m", "max_tokens": 0 })).await.json().await.expect("json");
     assert_eq!(clamped["usage"]["completion_tokens"], 1);
 }
 
@@ -207,10 +165,7 @@ async fn stream_with_include_usage_ends_with_usage_chunk_and_done() {
     let request = stream_request(3, true);
     let response = mock.chat("sk-mock-abc", &request).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(
-        response.headers()["content-type"],
-        "text/event-stream; charset=utf-8"
-    );
+    assert_eq!(response.headers()["content-type"], "text/event-stream; charset=utf-8");
     assert!(response.headers().get("content-length").is_none());
     let body = body_text(response).await;
     assert!(body.starts_with(": mock keep-alive\n\ndata: "), "{body:?}");
@@ -233,15 +188,9 @@ async fn stream_with_include_usage_ends_with_usage_chunk_and_done() {
         assert_eq!(chunk["system_fingerprint"], "fp_mock");
     }
     let choice = |index: usize| &chunks[index]["choices"][0];
-    assert_eq!(
-        choice(0)["delta"],
-        json!({ "role": "assistant", "content": "", "refusal": null })
-    );
+    assert_eq!(choice(0)["delta"], json!({ "role": "assistant", "content": "", "refusal": null }));
     for token in 0..3 {
-        assert_eq!(
-            choice(token + 1)["delta"],
-            json!({ "content": format!("tok{token} ") })
-        );
+        assert_eq!(choice(token + 1)["delta"], json!({ "content": format!("tok{token} ") }));
         assert_eq!(choice(token + 1)["finish_reason"], Value::Null);
         assert_eq!(choice(token + 1)["logprobs"], Value::Null);
     }
@@ -256,10 +205,7 @@ async fn stream_with_include_usage_ends_with_usage_chunk_and_done() {
     assert_eq!(usage_chunk["usage"]["prompt_tokens"], prompt);
     assert_eq!(usage_chunk["usage"]["completion_tokens"], 3);
     assert_eq!(usage_chunk["usage"]["total_tokens"], prompt + 3);
-    assert_eq!(
-        usage_chunk["usage"]["prompt_tokens_details"]["cached_tokens"],
-        0
-    );
+    assert_eq!(usage_chunk["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 }
 
 #[tokio::test]
@@ -280,36 +226,20 @@ async fn stream_without_include_usage_has_no_usage() {
 #[tokio::test]
 async fn nousage_never_reports_usage() {
     let mock = MockUpstream::spawn();
-    let plain: Value = mock
-        .chat("sk-mock-nousage-abc", &json!({ "model": "m" }))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let plain: Value = mock.chat("sk-mock-nousage-abc", &json!({ "model": "m" })).await.json().await.expect("json");
     assert!(plain.get("usage").is_none());
     assert_eq!(plain["choices"][0]["finish_reason"], "stop");
 
-    let body = body_text(
-        mock.chat("sk-mock-nousage-abc", &stream_request(2, true))
-            .await,
-    )
-    .await;
+    let body = body_text(mock.chat("sk-mock-nousage-abc", &stream_request(2, true)).await).await;
     let payloads = sse_payloads(&body);
     assert_eq!(payloads.len(), 5);
     for payload in &payloads[..4] {
-        assert!(serde_json::from_str::<Value>(payload)
-            .expect("chunk json")
-            .get("usage")
-            .is_none());
+        assert!(serde_json::from_str::<Value>(payload).expect("chunk json").get("usage").is_none());
     }
 
     let embedding = json!({ "model": "text-embedding-3-small", "input": "x" });
-    let embedding: Value = mock
-        .post("/v1/embeddings", "sk-mock-nousage-abc", &embedding)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let embedding: Value =
+        mock.post("/v1/embeddings", "sk-mock-nousage-abc", &embedding).await.json().await.expect("json");
     assert!(embedding.get("usage").is_none());
 }
 
@@ -341,34 +271,20 @@ async fn failures_use_openai_error_bodies() {
     );
 
     for status in [400, 403, 500, 502, 503] {
-        let response = mock
-            .chat(&format!("sk-mock-fail{status}-abc"), &request)
-            .await;
+        let response = mock.chat(&format!("sk-mock-fail{status}-abc"), &request).await;
         assert_eq!(response.status(), status);
         let body: Value = response.json().await.expect("json");
-        assert!(
-            body["error"]["message"].is_string() && body["error"]["type"].is_string(),
-            "{body}"
-        );
+        assert!(body["error"]["message"].is_string() && body["error"]["type"].is_string(), "{body}");
         assert!(body["error"]["code"].is_string(), "{body}");
     }
 
-    let anonymous = mock
-        .http
-        .post(mock.url("/v1/chat/completions"))
-        .json(&request)
-        .send()
-        .await
-        .expect("send");
+    let anonymous = mock.http.post(mock.url("/v1/chat/completions")).json(&request).send().await.expect("send");
     assert_eq!(anonymous.status(), 401);
     assert!(anonymous.json::<Value>().await.expect("json")["error"]["message"].is_string());
 
     let no_model = mock.chat("sk-mock-abc", &json!({ "messages": [] })).await;
     assert_eq!(no_model.status(), 400);
-    assert_eq!(
-        no_model.json::<Value>().await.expect("json")["error"]["type"],
-        "invalid_request_error"
-    );
+    assert_eq!(no_model.json::<Value>().await.expect("json")["error"]["type"], "invalid_request_error");
     let not_json = mock
         .http
         .post(mock.url("/v1/chat/completions"))
@@ -378,50 +294,29 @@ async fn failures_use_openai_error_bodies() {
         .await
         .expect("send");
     assert_eq!(not_json.status(), 400);
-    let bad_limit = mock
-        .chat(
-            "sk-mock-abc",
-            &json!({ "model": "m", "max_tokens": "many" }),
-        )
-        .await;
+    let bad_limit = mock.chat("sk-mock-abc", &json!({ "model": "m", "max_tokens": "many" })).await;
     assert_eq!(bad_limit.status(), 400);
 
     assert_eq!(mock.chat("sk-mock-abc", &json!({})).await.status(), 400);
     let unknown = mock.post("/v1/nope", "sk-mock-abc", &request).await;
     assert_eq!(unknown.status(), 404);
-    assert_eq!(
-        unknown.json::<Value>().await.expect("json")["error"]["type"],
-        "invalid_request_error"
-    );
+    assert_eq!(unknown.json::<Value>().await.expect("json")["error"]["type"], "invalid_request_error");
 }
 
 #[tokio::test]
 async fn crlf_stream_uses_crlf_line_endings() {
     let mock = MockUpstream::spawn();
-    let crlf = body_text(
-        mock.chat("sk-mock-crlf-abc", &stream_request(3, true))
-            .await,
-    )
-    .await;
+    let crlf = body_text(mock.chat("sk-mock-crlf-abc", &stream_request(3, true)).await).await;
     assert!(crlf.ends_with("data: [DONE]\r\n\r\n"), "{crlf:?}");
-    assert_eq!(
-        crlf.matches('\n').count(),
-        crlf.matches("\r\n").count(),
-        "every LF is part of a CRLF"
-    );
+    assert_eq!(crlf.matches('\n').count(), crlf.matches("\r\n").count(), "every LF is part of a CRLF");
     let normal = body_text(mock.chat("sk-mock-abc", &stream_request(3, true)).await).await;
-    assert_eq!(
-        comparable(&sse_payloads(&crlf.replace("\r\n", "\n"))),
-        comparable(&sse_payloads(&normal))
-    );
+    assert_eq!(comparable(&sse_payloads(&crlf.replace("\r\n", "\n"))), comparable(&sse_payloads(&normal)));
 }
 
 #[tokio::test]
 async fn split_stream_carries_the_same_events_in_tiny_frames() {
     let mock = MockUpstream::spawn();
-    let response = mock
-        .chat("sk-mock-split-abc", &stream_request(4, true))
-        .await;
+    let response = mock.chat("sk-mock-split-abc", &stream_request(4, true)).await;
     assert_eq!(response.status(), 200);
     let mut frames = response.bytes_stream();
     let (mut bytes, mut reads) = (Vec::new(), 0);
@@ -434,36 +329,23 @@ async fn split_stream_carries_the_same_events_in_tiny_frames() {
     assert!(reads > 10, "only {reads} reads for {} bytes", split.len());
     let normal = body_text(mock.chat("sk-mock-abc", &stream_request(4, true)).await).await;
     assert_eq!(split.len(), normal.len());
-    assert_eq!(
-        comparable(&sse_payloads(&split)),
-        comparable(&sse_payloads(&normal))
-    );
+    assert_eq!(comparable(&sse_payloads(&split)), comparable(&sse_payloads(&normal)));
 }
 
 #[tokio::test]
 async fn slow_stream_waits_before_every_event() {
     let mock = MockUpstream::spawn();
     let started = Instant::now();
-    let body = body_text(
-        mock.chat("sk-mock-slow-abc", &stream_request(1, false))
-            .await,
-    )
-    .await;
+    let body = body_text(mock.chat("sk-mock-slow-abc", &stream_request(1, false)).await).await;
     // comment, role, 1 token, finish, [DONE]
-    assert!(
-        started.elapsed() >= Duration::from_millis(500),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= Duration::from_millis(500), "{:?}", started.elapsed());
     assert_eq!(sse_payloads(&body).len(), 4);
 }
 
 #[tokio::test]
 async fn drop_cuts_the_stream_before_done() {
     let mock = MockUpstream::spawn();
-    let response = mock
-        .chat("sk-mock-drop-abc", &stream_request(5, true))
-        .await;
+    let response = mock.chat("sk-mock-drop-abc", &stream_request(5, true)).await;
     assert_eq!(response.status(), 200);
     let mut frames = response.bytes_stream();
     let (mut bytes, mut errored) = (Vec::new(), false);
@@ -477,15 +359,9 @@ async fn drop_cuts_the_stream_before_done() {
         }
     }
     let received = String::from_utf8_lossy(&bytes);
-    assert!(
-        errored,
-        "the chunked body must be cut, not ended: {received:?}"
-    );
+    assert!(errored, "the chunked body must be cut, not ended: {received:?}");
     assert!(!received.contains("[DONE]"));
-    assert!(
-        received.contains("tok1 ") && !received.contains("tok2 "),
-        "{received:?}"
-    );
+    assert!(received.contains("tok1 ") && !received.contains("tok2 "), "{received:?}");
 }
 
 #[tokio::test]
@@ -515,17 +391,9 @@ async fn records_requests_with_body_hash_and_counts() {
         .nth(1)
         .map(|payload| serde_json::from_str::<Value>(payload).expect("json"))
         .expect("usage chunk");
-    assert_eq!(
-        usage_chunk["usage"]["prompt_tokens"],
-        (sent.len() as u64).div_ceil(4)
-    );
+    assert_eq!(usage_chunk["usage"]["prompt_tokens"], (sent.len() as u64).div_ceil(4));
 
-    assert_eq!(
-        mock.chat("sk-mock-fail500-x", &json!({ "model": "m" }))
-            .await
-            .status(),
-        500
-    );
+    assert_eq!(mock.chat("sk-mock-fail500-x", &json!({ "model": "m" })).await.status(), 500);
     let hung = mock
         .http
         .post(mock.url("/v1/embeddings"))
@@ -536,13 +404,7 @@ async fn records_requests_with_body_hash_and_counts() {
         .await;
     assert!(hung.is_err(), "hang must not answer");
     assert_eq!(
-        mock.http
-            .get(mock.url("/v1/models"))
-            .bearer_auth("sk-mock-big")
-            .send()
-            .await
-            .expect("send")
-            .status(),
+        mock.http.get(mock.url("/v1/models")).bearer_auth("sk-mock-big").send().await.expect("send").status(),
         200
     );
 
@@ -571,12 +433,7 @@ async fn records_requests_with_body_hash_and_counts() {
         mock.get_json("/_mock/counts").await,
         json!({ "sk-mock-big": 2, "sk-mock-fail500-x": 1, "sk-mock-hang-x": 1 })
     );
-    let cleared = mock
-        .http
-        .delete(mock.url("/_mock/requests"))
-        .send()
-        .await
-        .expect("send");
+    let cleared = mock.http.delete(mock.url("/_mock/requests")).send().await.expect("send");
     assert!(cleared.status().is_success());
     assert_eq!(mock.get_json("/_mock/requests").await, json!([]));
     assert_eq!(mock.get_json("/_mock/counts").await, json!({}));
@@ -585,12 +442,8 @@ async fn records_requests_with_body_hash_and_counts() {
 #[tokio::test]
 async fn embeddings_accept_every_input_shape() {
     let mock = MockUpstream::spawn();
-    let cases = [
-        (json!("one"), 1),
-        (json!(["one", "two", "three"]), 3),
-        (json!([1, 2, 3]), 1),
-        (json!([[1, 2], [3]]), 2),
-    ];
+    let cases =
+        [(json!("one"), 1), (json!(["one", "two", "three"]), 3), (json!([1, 2, 3]), 1), (json!([[1, 2], [3]]), 2)];
     for (input, expected) in cases {
         let request = json!({ "model": "text-embedding-3-small", "input": input });
         let response = mock.post("/v1/embeddings", "sk-mock-abc", &request).await;
@@ -606,54 +459,27 @@ async fn embeddings_accept_every_input_shape() {
             assert_eq!(item["embedding"].as_array().map(Vec::len), Some(8));
         }
         let prompt = prompt_tokens(&request);
-        assert_eq!(
-            body["usage"],
-            json!({ "prompt_tokens": prompt, "total_tokens": prompt })
-        );
+        assert_eq!(body["usage"], json!({ "prompt_tokens": prompt, "total_tokens": prompt }));
     }
 
     let as_base64 = json!({ "model": "e", "input": "one", "encoding_format": "base64" });
-    let body: Value = mock
-        .post("/v1/embeddings", "sk-mock-abc", &as_base64)
-        .await
-        .json()
-        .await
-        .expect("json");
-    let encoded = body["data"][0]["embedding"]
-        .as_str()
-        .expect("base64 string");
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .expect("base64");
+    let body: Value = mock.post("/v1/embeddings", "sk-mock-abc", &as_base64).await.json().await.expect("json");
+    let encoded = body["data"][0]["embedding"].as_str().expect("base64 string");
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).expect("base64");
     assert_eq!(decoded.len(), 8 * 4);
 
     for input in [json!(42), json!([]), json!([1, "a"])] {
         let request = json!({ "model": "e", "input": input });
-        assert_eq!(
-            mock.post("/v1/embeddings", "sk-mock-abc", &request)
-                .await
-                .status(),
-            400
-        );
+        assert_eq!(mock.post("/v1/embeddings", "sk-mock-abc", &request).await.status(), 400);
     }
     let failing = json!({ "model": "e", "input": "x" });
-    assert_eq!(
-        mock.post("/v1/embeddings", "sk-mock-fail503-abc", &failing)
-            .await
-            .status(),
-        503
-    );
+    assert_eq!(mock.post("/v1/embeddings", "sk-mock-fail503-abc", &failing).await.status(), 503);
 }
 
 #[tokio::test]
 async fn models_list_and_auth() {
     let mock = MockUpstream::spawn();
-    let anonymous = mock
-        .http
-        .get(mock.url("/v1/models"))
-        .send()
-        .await
-        .expect("send");
+    let anonymous = mock.http.get(mock.url("/v1/models")).send().await.expect("send");
     assert_eq!(anonymous.status(), 401);
     let models: Value = mock
         .http
@@ -677,19 +503,10 @@ async fn sigterm_exits_cleanly_even_with_a_hanging_request() {
     let mut mock = MockUpstream::spawn();
     let hung = tokio::spawn({
         let (http, url) = (mock.http.clone(), mock.url("/v1/chat/completions"));
-        async move {
-            http.post(url)
-                .bearer_auth("sk-mock-hang")
-                .json(&json!({ "model": "m" }))
-                .send()
-                .await
-        }
+        async move { http.post(url).bearer_auth("sk-mock-hang").json(&json!({ "model": "m" })).send().await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &mock.child.id().to_string()])
-        .status()
-        .expect("kill");
+    let killed = Command::new("kill").args(["-TERM", &mock.child.id().to_string()]).status().expect("kill");
     assert!(killed.success());
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
@@ -700,9 +517,6 @@ async fn sigterm_exits_cleanly_even_with_a_hanging_request() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status:?}");
-    let answer = hung
-        .await
-        .expect("join")
-        .expect("hung request is answered at shutdown");
+    let answer = hung.await.expect("join").expect("hung request is answered at shutdown");
     assert_eq!(answer.status(), 503);
 }

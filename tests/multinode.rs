@@ -41,7 +41,8 @@ async fn admin_changes_on_one_node_reach_the_others_through_redis() {
         let env = TestEnv::new(Backend::MariaDb).await;
         let buyer = env.seller_and_buyer().await;
         let first_key = env.add_seller_key("seller", "sk-mock-nodeA-1111", &[MODEL], 1_000).await;
-        let node_env = [("TOKEX_REDIS_URL", "redis://127.0.0.1:6379"), ("TOKEX_POOL_REFRESH_INTERVAL_MS", SLOW_REFRESH_MS)];
+        let node_env =
+            [("TOKEX_REDIS_URL", "redis://127.0.0.1:6379"), ("TOKEX_POOL_REFRESH_INTERVAL_MS", SLOW_REFRESH_MS)];
         let node_a = env.start_gateway_with(&node_env).await;
         let node_b = env.start_gateway_with(&node_env).await;
 
@@ -65,8 +66,7 @@ async fn admin_changes_on_one_node_reach_the_others_through_redis() {
         eprintln!("node B routed the new key {seen_after:?} after node A accepted it");
 
         // Pausing the only key of a model on node A takes it out of rotation on node B too.
-        let paused =
-            node_a.admin(Method::POST, &format!("/api/v1/seller/keys/{first_key}/pause"), &token, None).await;
+        let paused = node_a.admin(Method::POST, &format!("/api/v1/seller/keys/{first_key}/pause"), &token, None).await;
         assert_eq!(paused.status, StatusCode::OK, "{}", paused.text());
         wait_for_status(&node_b, &buyer.key, MODEL, StatusCode::SERVICE_UNAVAILABLE).await;
 

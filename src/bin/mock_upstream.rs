@@ -49,12 +49,7 @@ const DROP_FLUSH_DELAY: Duration = Duration::from_millis(20);
 const SPLIT_MAX_FRAME: usize = 7;
 /// Graceful shutdown waits for open responses; a slow stream may run for minutes, so it gets cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-const MODELS: [&str; 4] = [
-    "gpt-4o-mini",
-    "gpt-4o",
-    "gpt-4.1-mini",
-    "text-embedding-3-small",
-];
+const MODELS: [&str; 4] = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "text-embedding-3-small"];
 
 #[derive(Parser)]
 #[command(about = "Mock OpenAI upstream whose behaviour is picked by tokens in the API key")]
@@ -87,18 +82,14 @@ async fn main() -> std::io::Result<()> {
             eprintln!("mock-upstream: set_nodelay failed: {err}");
         }
     });
-    let mock = Arc::new(Mock {
-        requests: Mutex::default(),
-        stop: stop_rx.clone(),
-    });
+    let mock = Arc::new(Mock { requests: Mutex::default(), stop: stop_rx.clone() });
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "LISTENING {addr}")?;
         out.flush()?;
     }
 
-    let server =
-        axum::serve(listener, router(mock)).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let server = axum::serve(listener, router(mock)).with_graceful_shutdown(stopped(stop_rx.clone()));
     tokio::select! {
         result = server.into_future() => result,
         () = async { stopped(stop_rx).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
@@ -145,13 +136,7 @@ struct RecordedRequest {
 }
 
 impl RecordedRequest {
-    fn new(
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-        body: &[u8],
-        json: Option<&Value>,
-    ) -> Self {
+    fn new(method: &Method, path: &str, headers: &HeaderMap, body: &[u8], json: Option<&Value>) -> Self {
         let mut header_values = BTreeMap::<String, String>::new();
         for (name, value) in headers {
             let value = String::from_utf8_lossy(value.as_bytes());
@@ -189,11 +174,7 @@ async fn clear_requests(State(mock): State<Arc<Mock>>) -> StatusCode {
 
 async fn request_counts(State(mock): State<Arc<Mock>>) -> Json<BTreeMap<String, u64>> {
     let mut counts = BTreeMap::new();
-    for key in mock
-        .requests()
-        .iter()
-        .filter_map(|request| request.api_key.clone())
-    {
+    for key in mock.requests().iter().filter_map(|request| request.api_key.clone()) {
         *counts.entry(key).or_insert(0) += 1;
     }
     Json(counts)
@@ -212,13 +193,7 @@ async fn openai_api(
     }
     let json = serde_json::from_slice::<Value>(&body).ok();
     // Recorded before acting, so tests also see requests that fail or hang.
-    mock.requests().push(RecordedRequest::new(
-        &method,
-        path,
-        &headers,
-        &body,
-        json.as_ref(),
-    ));
+    mock.requests().push(RecordedRequest::new(&method, path, &headers, &body, json.as_ref()));
     match answer(&mock, &method, path, bearer_key(&headers), body.len(), json).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
@@ -233,8 +208,7 @@ async fn answer(
     body_len: usize,
     json: Option<Value>,
 ) -> Result<Response, ApiError> {
-    let endpoint =
-        Endpoint::find(method, path).ok_or_else(|| ApiError::unknown_url(method, path))?;
+    let endpoint = Endpoint::find(method, path).ok_or_else(|| ApiError::unknown_url(method, path))?;
     let api_key = api_key.ok_or_else(ApiError::missing_api_key)?;
     let behaviour = Behaviour::from_api_key(api_key);
     if let Some(status) = behaviour.fail {
@@ -325,37 +299,17 @@ struct ApiError {
 }
 
 impl ApiError {
-    fn new(
-        status: StatusCode,
-        message: impl Into<String>,
-        kind: &'static str,
-        code: Option<&'static str>,
-    ) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            kind,
-            code,
-        }
+    fn new(status: StatusCode, message: impl Into<String>, kind: &'static str, code: Option<&'static str>) -> Self {
+        Self { status, message: message.into(), kind, code }
     }
 
     fn invalid_request(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            message,
-            "invalid_request_error",
-            None,
-        )
+        Self::new(StatusCode::BAD_REQUEST, message, "invalid_request_error", None)
     }
 
     fn unknown_url(method: &Method, path: &str) -> Self {
         let message = format!("Invalid URL ({method} {path})");
-        Self::new(
-            StatusCode::NOT_FOUND,
-            message,
-            "invalid_request_error",
-            None,
-        )
+        Self::new(StatusCode::NOT_FOUND, message, "invalid_request_error", None)
     }
 
     fn missing_api_key() -> Self {
@@ -364,22 +318,12 @@ impl ApiError {
                        field (with blank username) if you're accessing the API from your browser and are \
                        prompted for a username and password. You can obtain an API key from \
                        https://platform.openai.com/account/api-keys.";
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            message,
-            "invalid_request_error",
-            None,
-        )
+        Self::new(StatusCode::UNAUTHORIZED, message, "invalid_request_error", None)
     }
 
     fn shutting_down() -> Self {
         let message = "The mock upstream is shutting down.";
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            message,
-            "server_error",
-            Some("service_unavailable"),
-        )
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message, "server_error", Some("service_unavailable"))
     }
 
     fn injected(status: StatusCode, api_key: &str) -> Self {
@@ -408,15 +352,12 @@ impl ApiError {
                 "invalid_request_error",
                 "invalid_value",
             ),
-            StatusCode::SERVICE_UNAVAILABLE => (
-                "The server is overloaded or not ready yet.".to_owned(),
-                "server_error",
-                "service_unavailable",
-            ),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                ("The server is overloaded or not ready yet.".to_owned(), "server_error", "service_unavailable")
+            }
             StatusCode::BAD_GATEWAY => ("Bad gateway.".to_owned(), "server_error", "bad_gateway"),
             _ => (
-                "The server had an error while processing your request. Sorry about that!"
-                    .to_owned(),
+                "The server had an error while processing your request. Sorry about that!".to_owned(),
                 "server_error",
                 "server_error",
             ),
@@ -432,9 +373,7 @@ impl IntoResponse for ApiError {
         });
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -465,9 +404,7 @@ fn request_object(json: Option<Value>) -> Result<Map<String, Value>, ApiError> {
 fn request_model(request: &Map<String, Value>) -> Result<String, ApiError> {
     match request.get("model") {
         Some(Value::String(model)) => Ok(model.clone()),
-        _ => Err(ApiError::invalid_request(
-            "you must provide a model parameter",
-        )),
+        _ => Err(ApiError::invalid_request("you must provide a model parameter")),
     }
 }
 
@@ -475,34 +412,25 @@ fn optional_bool(request: &Map<String, Value>, name: &str) -> Result<bool, ApiEr
     match request.get(name) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(value)) => Ok(*value),
-        Some(_) => Err(ApiError::invalid_request(format!(
-            "Invalid type for '{name}': expected a boolean."
-        ))),
+        Some(_) => Err(ApiError::invalid_request(format!("Invalid type for '{name}': expected a boolean."))),
     }
 }
 
 fn completion_tokens(request: &Map<String, Value>) -> Result<u64, ApiError> {
     let limit = ["max_completion_tokens", "max_tokens"]
         .into_iter()
-        .find_map(|name| {
-            request
-                .get(name)
-                .filter(|value| !value.is_null())
-                .map(|value| (name, value))
-        });
+        .find_map(|name| request.get(name).filter(|value| !value.is_null()).map(|value| (name, value)));
     let tokens = match limit {
         None => DEFAULT_COMPLETION_TOKENS,
-        Some((name, value)) => value.as_i64().ok_or_else(|| {
-            ApiError::invalid_request(format!("Invalid type for '{name}': expected an integer."))
-        })?,
+        Some((name, value)) => value
+            .as_i64()
+            .ok_or_else(|| ApiError::invalid_request(format!("Invalid type for '{name}': expected an integer.")))?,
     };
     Ok(tokens.clamp(1, MAX_COMPLETION_TOKENS).unsigned_abs())
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs())
 }
 
 fn usage(prompt_tokens: u64, completion_tokens: u64) -> Value {
@@ -527,11 +455,7 @@ fn with_usage(mut body: Value, usage: Option<Value>) -> Value {
     body
 }
 
-fn chat_completion(
-    json: Option<Value>,
-    prompt_tokens: u64,
-    behaviour: &Behaviour,
-) -> Result<Response, ApiError> {
+fn chat_completion(json: Option<Value>, prompt_tokens: u64, behaviour: &Behaviour) -> Result<Response, ApiError> {
     let request = request_object(json)?;
     let model = request_model(&request)?;
     let tokens = completion_tokens(&request)?;
@@ -541,11 +465,7 @@ fn chat_completion(
         .and_then(|options| options.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let random: String = rand::thread_rng()
-        .sample_iter(&Alphanumeric)
-        .take(24)
-        .map(char::from)
-        .collect();
+    let random: String = rand::thread_rng().sample_iter(&Alphanumeric).take(24).map(char::from).collect();
     let completion = Completion {
         id: format!("chatcmpl-{random}"),
         created: unix_now(),
@@ -558,9 +478,8 @@ fn chat_completion(
     }
     let mut events = completion.chunks(include_usage);
     let ending = if behaviour.drop {
-        let content_chunks = usize::try_from(tokens).map_or(DROP_AFTER_CONTENT_CHUNKS, |tokens| {
-            tokens.min(DROP_AFTER_CONTENT_CHUNKS)
-        });
+        let content_chunks =
+            usize::try_from(tokens).map_or(DROP_AFTER_CONTENT_CHUNKS, |tokens| tokens.min(DROP_AFTER_CONTENT_CHUNKS));
         events.truncate(1 + content_chunks);
         StreamEnd::Abort
     } else {
@@ -621,14 +540,8 @@ impl Completion {
             let choices = json!([{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }]);
             chunk(choices, usage.as_ref().map(|_| Value::Null))
         };
-        let mut chunks = vec![choice(
-            json!({ "role": "assistant", "content": "", "refusal": null }),
-            None,
-        )];
-        chunks.extend(
-            (0..self.tokens)
-                .map(|index| choice(json!({ "content": Self::token_text(index) }), None)),
-        );
+        let mut chunks = vec![choice(json!({ "role": "assistant", "content": "", "refusal": null }), None)];
+        chunks.extend((0..self.tokens).map(|index| choice(json!({ "content": Self::token_text(index) }), None)));
         chunks.push(choice(json!({}), Some("stop")));
         if let Some(usage) = usage.clone() {
             chunks.push(chunk(json!([]), Some(usage)));
@@ -654,11 +567,7 @@ fn sse_response(events: &[Value], end: StreamEnd, behaviour: &Behaviour) -> Resp
     let newline = if behaviour.crlf { "\r\n" } else { "\n" };
     // Real providers (OpenRouter) send comments; a parser that chokes on them must fail here first.
     let mut blocks = vec![format!(": mock keep-alive{newline}{newline}")];
-    blocks.extend(
-        events
-            .iter()
-            .map(|event| format!("data: {event}{newline}{newline}")),
-    );
+    blocks.extend(events.iter().map(|event| format!("data: {event}{newline}{newline}")));
     if matches!(end, StreamEnd::Done) {
         blocks.push(format!("data: [DONE]{newline}{newline}"));
     }
@@ -675,20 +584,12 @@ fn sse_response(events: &[Value], end: StreamEnd, behaviour: &Behaviour) -> Resp
         StreamEnd::Abort => Body::from_stream(frames.chain(stream::once(async {
             // Erroring at once would make hyper discard its unsent buffer, head included.
             tokio::time::sleep(DROP_FLUSH_DELAY).await;
-            Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "mock upstream dropped the stream",
-            ))
+            Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "mock upstream dropped the stream"))
         }))),
     };
     let mut response = Response::new(body);
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 
@@ -709,18 +610,11 @@ fn frames(blocks: &[String], behaviour: &Behaviour) -> Vec<(BeforeFrame, Bytes)>
         let len = if behaviour.split {
             frames.len() % SPLIT_MAX_FRAME + 1
         } else {
-            blocks
-                .get(next_block)
-                .map_or(all.len() - start, String::len)
+            blocks.get(next_block).map_or(all.len() - start, String::len)
         };
         let end = (start + len).min(all.len());
-        let starts_block = block_starts
-            .get(next_block)
-            .is_some_and(|&block_start| block_start < end);
-        while block_starts
-            .get(next_block)
-            .is_some_and(|&block_start| block_start < end)
-        {
+        let starts_block = block_starts.get(next_block).is_some_and(|&block_start| block_start < end);
+        while block_starts.get(next_block).is_some_and(|&block_start| block_start < end) {
             next_block += 1;
         }
         let before = if behaviour.slow && starts_block {
@@ -736,11 +630,7 @@ fn frames(blocks: &[String], behaviour: &Behaviour) -> Vec<(BeforeFrame, Bytes)>
     frames
 }
 
-fn embeddings(
-    json: Option<Value>,
-    prompt_tokens: u64,
-    behaviour: &Behaviour,
-) -> Result<Response, ApiError> {
+fn embeddings(json: Option<Value>, prompt_tokens: u64, behaviour: &Behaviour) -> Result<Response, ApiError> {
     let request = request_object(json)?;
     let model = request_model(&request)?;
     let inputs = embedding_inputs(request.get("input"))?;
@@ -749,11 +639,7 @@ fn embeddings(
         None | Some(Value::Null) => false,
         Some(Value::String(format)) if format == "float" => false,
         Some(Value::String(format)) if format == "base64" => true,
-        Some(_) => {
-            return Err(ApiError::invalid_request(
-                "'encoding_format' must be 'float' or 'base64'.",
-            ))
-        }
+        Some(_) => return Err(ApiError::invalid_request("'encoding_format' must be 'float' or 'base64'.")),
     };
     let data: Vec<Value> = inputs
         .iter()
@@ -761,10 +647,7 @@ fn embeddings(
         .map(|(index, input)| {
             let vector = embedding(input);
             let embedding = if base64 {
-                let bytes: Vec<u8> = vector
-                    .iter()
-                    .flat_map(|value| value.to_le_bytes())
-                    .collect();
+                let bytes: Vec<u8> = vector.iter().flat_map(|value| value.to_le_bytes()).collect();
                 Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
             } else {
                 json!(vector)
@@ -773,26 +656,20 @@ fn embeddings(
         })
         .collect();
     let body = json!({ "object": "list", "data": data, "model": model });
-    let usage = (!behaviour.nousage)
-        .then(|| json!({ "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens }));
+    let usage = (!behaviour.nousage).then(|| json!({ "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens }));
     Ok(Json(with_usage(body, usage)).into_response())
 }
 
 /// The inputs to embed: a string, an array of strings, one token array, or an array of token arrays.
 fn embedding_inputs(input: Option<&Value>) -> Result<Vec<Value>, ApiError> {
-    let is_token_array = |value: &Value| {
-        value
-            .as_array()
-            .is_some_and(|tokens| tokens.iter().all(Value::is_u64))
-    };
+    let is_token_array = |value: &Value| value.as_array().is_some_and(|tokens| tokens.iter().all(Value::is_u64));
     let inputs = match input {
         Some(text @ Value::String(_)) => vec![text.clone()],
         Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_u64) => {
             vec![Value::Array(items.clone())]
         }
         Some(Value::Array(items))
-            if !items.is_empty()
-                && (items.iter().all(Value::is_string) || items.iter().all(is_token_array)) =>
+            if !items.is_empty() && (items.iter().all(Value::is_string) || items.iter().all(is_token_array)) =>
         {
             items.clone()
         }
@@ -808,11 +685,7 @@ fn embedding_inputs(input: Option<&Value>) -> Result<Vec<Value>, ApiError> {
 /// Deterministic per input, so tests can compare vectors across calls.
 fn embedding(input: &Value) -> Vec<f32> {
     let digest = Sha256::digest(input.to_string().as_bytes());
-    digest
-        .iter()
-        .take(EMBEDDING_DIMENSIONS)
-        .map(|&byte| f32::from(byte) / 127.5 - 1.0)
-        .collect()
+    digest.iter().take(EMBEDDING_DIMENSIONS).map(|&byte| f32::from(byte) / 127.5 - 1.0).collect()
 }
 
 fn models() -> Value {

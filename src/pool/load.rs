@@ -165,7 +165,13 @@ pub fn build_snapshot(
             });
             Some((
                 row.lookup_id,
-                BuyerKey { id: row.id, user_id: row.user_id, key_hash, allowed_models, expires_at_ms: row.expires_at_ms },
+                BuyerKey {
+                    id: row.id,
+                    user_id: row.user_id,
+                    key_hash,
+                    allowed_models,
+                    expires_at_ms: row.expires_at_ms,
+                },
             ))
         })
         .collect();

@@ -190,8 +190,7 @@ impl ModelRoute {
             return self.keys.get(index).cloned();
         }
         // Failover path (rare, few keys excluded): an exact weighted pick over the remaining keys.
-        let remaining: u64 =
-            self.keys.iter().filter(|k| !exclude.contains(&k.id)).map(|k| k.weight.max(1)).sum();
+        let remaining: u64 = self.keys.iter().filter(|k| !exclude.contains(&k.id)).map(|k| k.weight.max(1)).sum();
         if remaining == 0 {
             return None;
         }
@@ -241,7 +240,7 @@ pub enum AuthError {
 impl PoolSnapshot {
     /// Authenticates a presented buyer key: a format check, a map lookup by the public id, then a
     /// constant-time comparison of the hash.
-        pub fn authenticate(&self, presented: &str, now_ms: i64) -> Result<&BuyerKey, AuthError> {
+    pub fn authenticate(&self, presented: &str, now_ms: i64) -> Result<&BuyerKey, AuthError> {
         let (lookup_id, hash) = crate::credentials::parse_buyer_key(presented).ok_or(AuthError::InvalidKey)?;
         let key = self.buyers.get(lookup_id.as_str()).ok_or(AuthError::InvalidKey)?;
         if !bool::from(key.key_hash.ct_eq(&hash)) {

@@ -95,7 +95,12 @@ pub struct Attempt {
 
 impl Attempt {
     pub fn new(key: Arc<SellerKey>, plan: Arc<CallPlan>) -> Arc<Self> {
-        Arc::new(Self { key, plan, outcome: Mutex::new(AttemptOutcome::default()), finished: tokio::sync::Notify::new() })
+        Arc::new(Self {
+            key,
+            plan,
+            outcome: Mutex::new(AttemptOutcome::default()),
+            finished: tokio::sync::Notify::new(),
+        })
     }
 
     /// Only the subrequest writes and only after it finished does the main request read, so the lock is
@@ -224,7 +229,12 @@ impl Drop for SubrequestState {
 /// cut before the usage chunk, e.g. a client disconnect), the prompt is counted locally from the request
 /// and the completion from the text actually delivered, and the record is marked estimated. Responses that
 /// were not successful API results cost no tokens.
-pub fn metered_tokens(plan: &CallPlan, metered: bool, reported: Option<Usage>, delivered_text: &str) -> (u64, u64, bool) {
+pub fn metered_tokens(
+    plan: &CallPlan,
+    metered: bool,
+    reported: Option<Usage>,
+    delivered_text: &str,
+) -> (u64, u64, bool) {
     if !metered {
         return (0, 0, false);
     }

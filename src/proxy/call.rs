@@ -48,11 +48,8 @@ pub async fn serve(gateway: &Gateway, session: &mut Session) -> Result<bool> {
 fn authenticate<'s>(session: &Session, snapshot: &'s PoolSnapshot) -> Result<&'s BuyerKey, GatewayError> {
     let header = session.req_header().headers.get("authorization").ok_or(GatewayError::InvalidKey)?;
     let value = header.to_str().map_err(|_| GatewayError::InvalidKey)?;
-    let presented = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or(GatewayError::InvalidKey)?
-        .trim();
+    let presented =
+        value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or(GatewayError::InvalidKey)?.trim();
     snapshot.authenticate(presented, crate::now_ms()).map_err(|e| match e {
         AuthError::InvalidKey => GatewayError::InvalidKey,
         AuthError::Expired => GatewayError::ExpiredKey,
@@ -66,8 +63,8 @@ async fn list_models(session: &mut Session, snapshot: &PoolSnapshot) -> Result<(
         .into_iter()
         .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "token-exchange"}))
         .collect();
-    let body = serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
-        .map_err(|_| GatewayError::Internal)?;
+    let body =
+        serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).map_err(|_| GatewayError::Internal)?;
     respond_json(session, 200, Bytes::from(body), None).await.map_err(|_| GatewayError::Internal)
 }
 
@@ -166,9 +163,13 @@ async fn call(
         if !attempt.wait_finished(ATTEMPT_SETTLE_LIMIT).await {
             tracing::warn!(request_id = %plan.request_id, key_id = key.id, "attempt did not settle in time");
         }
-        let (response_started, failure) = {
+        // What reached the buyer decides, not what the subrequest intended: an upstream that sends its
+        // header and fails at once can lose the race inside the pipe, and then nothing was written and
+        // the attempt can still fail over.
+        let response_started = final_response_written(session);
+        let failure = {
             let outcome = attempt.outcome();
-            (outcome.response_started, outcome.failure.clone().unwrap_or(Failure::Other))
+            outcome.failure.clone().unwrap_or(Failure::Other)
         };
         if response_started {
             served = Some((attempt, run));
@@ -209,7 +210,9 @@ async fn call(
         record.ttft_ms = outcome.ttft.map(|d| d.as_millis() as u64);
         record.response_bytes = outcome.response_bytes;
         record.client_disconnected |= run.client_gone;
-        let interrupted = outcome.interrupted || run.error.is_some();
+        // `completed` is only set when the upstream body ended normally; a subrequest that died without
+        // saying so (a panic) must not pass for a complete response.
+        let interrupted = outcome.interrupted || !outcome.completed || run.error.is_some();
         if record.client_disconnected {
             record.error_kind = Some("client_closed");
         } else if interrupted {
@@ -264,10 +267,13 @@ async fn run_attempt(session: &mut Session, attempt: &Arc<Attempt>) -> AttemptRu
     let body = InputBodyType::Preset(InputBody::Bytes(vec![attempt.plan.body.clone()]));
     match pipe_subrequest(session, subrequest, handle, |task| Ok(Some(task)), body).await {
         Ok(mut state) => {
-            if let Some(join) = state.join_handle.take() {
-                let _ = join.await;
-            }
-            AttemptRun { client_gone: false, error: None }
+            let joined = match state.join_handle.take() {
+                Some(join) => join.await,
+                None => Ok(()),
+            };
+            let error =
+                joined.err().map(|e| Error::explain(ErrorType::InternalError, format!("attempt task failed: {e}")));
+            AttemptRun { client_gone: false, error }
         }
         Err(e) => AttemptRun {
             client_gone: !e.from_subreq && matches!(e.error.esource(), ErrorSource::Downstream),
@@ -292,11 +298,8 @@ async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<B
     if declared.is_some_and(|n| n > limit) {
         return Err(BodyError::TooLarge);
     }
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get("expect")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let expects_continue =
+        session.req_header().headers.get("expect").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if expects_continue {
         session.write_continue_response().await.map_err(BodyError::Client)?;
     }
@@ -331,11 +334,10 @@ async fn finish_rejected(
 ) -> Result<bool> {
     record.status_code = error.status();
     record.error_kind = Some(error.code());
+    // Only models the pool serves become metric labels: buyer-chosen names would grow series without bound.
     let model_label = match error {
-        GatewayError::UnknownModel { .. } | GatewayError::BadRequest { .. } | GatewayError::PayloadTooLarge { .. } => {
-            "-".to_string()
-        }
-        _ => record.model.clone(),
+        GatewayError::NoCapacity { .. } | GatewayError::UpstreamFailed { .. } => record.model.clone(),
+        _ => "-".to_string(),
     };
     let request_id = record.request_id.clone();
     finish_record(gateway, record, started, &model_label);
@@ -349,7 +351,12 @@ fn finish_record(gateway: &Gateway, mut record: UsageRecord, started: Instant, m
 }
 
 /// Writes an OpenAI-style error and ends the request.
-async fn reject(session: &mut Session, error: &GatewayError, model_label: &str, request_id: Option<&str>) -> Result<bool> {
+async fn reject(
+    session: &mut Session,
+    error: &GatewayError,
+    model_label: &str,
+    request_id: Option<&str>,
+) -> Result<bool> {
     if request_id.is_none() {
         METRICS.requests.with_label_values(&[model_label, &error.status().to_string()]).inc();
     }
@@ -357,6 +364,11 @@ async fn reject(session: &mut Session, error: &GatewayError, model_label: &str, 
     session.set_keepalive(None);
     respond_error(session, error, request_id).await?;
     Ok(true)
+}
+
+/// Whether the buyer has received a final (non-1xx) response header on this connection.
+pub(super) fn final_response_written(session: &Session) -> bool {
+    session.response_written().is_some_and(|r| !r.status.is_informational())
 }
 
 pub(super) async fn respond_error(session: &mut Session, error: &GatewayError, request_id: Option<&str>) -> Result<()> {

@@ -21,13 +21,15 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
-pub use attempt::{is_retryable_status, metered_tokens, Attempt, AttemptOutcome, CallPlan, Failure};
 use attempt::SubrequestState;
+pub use attempt::{is_retryable_status, metered_tokens, Attempt, AttemptOutcome, CallPlan, Failure};
 
 use crate::pool::SharedPool;
 use crate::usage::UsageSink;
 
-/// Request headers of the buyer that must never reach a seller's provider.
+/// Request headers of the buyer that must never reach a seller's provider: credentials and account
+/// selectors of the buyer, client addresses, and hop-by-hop headers (the subrequest copies the client's
+/// raw headers; a buyer's `Connection: close` or `Upgrade: h2c` is not the provider's business).
 const STRIP_UPSTREAM_REQUEST_HEADERS: &[&str] = &[
     "cookie",
     "x-api-key",
@@ -40,19 +42,26 @@ const STRIP_UPSTREAM_REQUEST_HEADERS: &[&str] = &[
     "x-real-ip",
     "expect",
     "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "http2-settings",
 ];
 
-/// Response headers of the provider that describe the seller's account rather than the response.
-const STRIP_RESPONSE_HEADERS: &[&str] = &[
-    "openai-organization",
-    "openai-project",
-    "set-cookie",
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-reset-tokens",
+/// Response headers passed from the provider to the buyer. Everything else (organisation ids, rate-limit
+/// state, cookies, vendor headers) describes the seller's account and is dropped.
+const PASS_RESPONSE_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "cache-control",
+    "date",
+    "x-request-id",
+    "openai-processing-ms",
+    "openai-version",
 ];
 
 #[derive(Clone, Debug)]
@@ -155,7 +164,8 @@ impl ProxyHttp for Gateway {
         let key = &state.attempt.key;
         let plan = &state.attempt.plan;
         let path = format!("{}{}", key.upstream.base_path, plan.endpoint.upstream_suffix());
-        let uri = path.parse::<http::Uri>().map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
+        let uri =
+            path.parse::<http::Uri>().map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
         upstream_request.set_uri(uri);
         for name in STRIP_UPSTREAM_REQUEST_HEADERS {
             let _ = upstream_request.remove_header(*name);
@@ -178,6 +188,10 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         let status = response.status.as_u16();
+        if response.status.is_informational() {
+            // 100/103: not the response yet; it neither starts the response nor fails the attempt.
+            return Ok(());
+        }
         if is_retryable_status(status) {
             let mut outcome = state.attempt.outcome();
             outcome.status = status;
@@ -189,8 +203,10 @@ impl ProxyHttp for Gateway {
             outcome.status = status;
             outcome.response_started = true;
         }
-        for name in STRIP_RESPONSE_HEADERS {
-            let _ = response.remove_header(*name);
+        let dropped: Vec<http::HeaderName> =
+            response.headers.keys().filter(|name| !PASS_RESPONSE_HEADERS.contains(&name.as_str())).cloned().collect();
+        for name in dropped {
+            let _ = response.remove_header(&name);
         }
         response.insert_header("x-tokex-request-id", state.attempt.plan.request_id.as_str())?;
         if response.status.is_success() {
@@ -201,8 +217,11 @@ impl ProxyHttp for Gateway {
                 .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
             state.start_metering(event_stream);
             if event_stream && state.attempt.plan.strip_usage_chunk {
-                // The usage-only event is removed, so the length changes: send it chunked.
-                let _ = response.remove_header("content-length");
+                // The usage-only event is removed, so the length changes: send it chunked (without a length
+                // or chunking the body would be close-delimited and the connection lost).
+                if response.remove_header("content-length").is_some() {
+                    response.insert_header("transfer-encoding", "chunked")?;
+                }
             }
         }
         Ok(())
@@ -272,7 +291,7 @@ impl ProxyHttp for Gateway {
             }
             return FailToProxy { error_code: 502, can_reuse_downstream: false };
         }
-        if session.response_written().is_some() || matches!(e.esource(), ErrorSource::Downstream) {
+        if call::final_response_written(session) || matches!(e.esource(), ErrorSource::Downstream) {
             return FailToProxy { error_code: 0, can_reuse_downstream: false };
         }
         let error = error::GatewayError::Internal;

@@ -7,7 +7,10 @@ pub enum Route {
     /// `GET /v1/models`
     Models,
     /// An LLM call; `path_model` is set for the original plan's `/api/v1/proxy/{model}/...` paths.
-    Call { endpoint: Endpoint, path_model: Option<String> },
+    Call {
+        endpoint: Endpoint,
+        path_model: Option<String>,
+    },
     MethodNotAllowed,
     NotFound,
 }
