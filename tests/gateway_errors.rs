@@ -147,7 +147,7 @@ async fn error_responses(backend: Backend) {
     assert!(upstream.len() <= 4 * 3, "more upstream attempts than max_attempts allows: {}", upstream.len());
 
     let records = env.wait_exact_usage_records(authenticated.len()).await;
-    let recorded: Vec<i64> = records.iter().map(|r| r.status_code).collect();
+    let recorded: Vec<i64> = records.iter().map(|r| i64::from(r.status_code)).collect();
     assert_eq!(recorded, authenticated, "usage record statuses, in request order");
     for record in &records {
         assert!(record.buyer_key_id == buyer_key.id || record.buyer_key_id == restricted.id, "{record:?}");
@@ -166,7 +166,7 @@ async fn error_responses(backend: Backend) {
         }
     }
     // Nothing refused before routing reached the upstream; the 502s account for all upstream calls.
-    let expected_upstream: i64 = records.iter().filter(|r| r.status_code == 502).map(|r| r.attempts).sum();
+    let expected_upstream: i64 = records.iter().filter(|r| r.status_code == 502).map(|r| i64::from(r.attempts)).sum();
     assert_eq!(upstream.len() as i64, expected_upstream, "upstream calls vs attempts in the 502 records");
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use rand::RngCore as _;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, QueryResult, Statement};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, FromQueryResult, QueryResult, Statement};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -368,76 +368,11 @@ async fn drop_stale_databases(admin: &DatabaseConnection) {
 
 // --- usage records --------------------------------------------------------------------------------
 
-/// One row of `usage_records`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct UsageRecord {
-    pub id: i64,
-    pub request_id: String,
-    pub buyer_id: i64,
-    pub buyer_key_id: i64,
-    pub hosted_key_id: Option<i64>,
-    pub model: String,
-    pub endpoint: String,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub estimated: bool,
-    pub status_code: i64,
-    pub attempts: i64,
-    pub latency_ms: i64,
-    pub ttft_ms: Option<i64>,
-    pub request_bytes: i64,
-    pub response_bytes: i64,
-    pub client_disconnected: bool,
-    pub error_kind: Option<String>,
-    pub created_at_ms: i64,
-}
+/// One row of `usage_records`: the gateway's own entity, so the tests read exactly what it writes.
+pub use token_exchange::db::entities::usage_records::Model as UsageRecord;
 
-fn get_bool(row: &QueryResult, column: &str) -> bool {
-    row.try_get::<bool>("", column)
-        .or_else(|_| row.try_get::<i64>("", column).map(|value| value != 0))
-        .unwrap_or_else(|e| panic!("usage_records.{column}: {e}"))
-}
-
-fn get_i64(row: &QueryResult, column: &str) -> i64 {
-    row.try_get::<i64>("", column)
-        .or_else(|_| row.try_get::<i32>("", column).map(i64::from))
-        .unwrap_or_else(|e| panic!("usage_records.{column}: {e}"))
-}
-
-fn get_opt_i64(row: &QueryResult, column: &str) -> Option<i64> {
-    row.try_get::<Option<i64>>("", column)
-        .or_else(|_| row.try_get::<Option<i32>>("", column).map(|value| value.map(i64::from)))
-        .unwrap_or_else(|e| panic!("usage_records.{column}: {e}"))
-}
-
-impl UsageRecord {
-    fn from_row(row: &QueryResult) -> Self {
-        let text =
-            |column: &str| row.try_get::<String>("", column).unwrap_or_else(|e| panic!("usage_records.{column}: {e}"));
-        Self {
-            id: get_i64(row, "id"),
-            request_id: text("request_id"),
-            buyer_id: get_i64(row, "buyer_id"),
-            buyer_key_id: get_i64(row, "buyer_key_id"),
-            hosted_key_id: get_opt_i64(row, "hosted_key_id"),
-            model: text("model"),
-            endpoint: text("endpoint"),
-            prompt_tokens: get_i64(row, "prompt_tokens"),
-            completion_tokens: get_i64(row, "completion_tokens"),
-            estimated: get_bool(row, "estimated"),
-            status_code: get_i64(row, "status_code"),
-            attempts: get_i64(row, "attempts"),
-            latency_ms: get_i64(row, "latency_ms"),
-            ttft_ms: get_opt_i64(row, "ttft_ms"),
-            request_bytes: get_i64(row, "request_bytes"),
-            response_bytes: get_i64(row, "response_bytes"),
-            client_disconnected: get_bool(row, "client_disconnected"),
-            error_kind: row
-                .try_get::<Option<String>>("", "error_kind")
-                .unwrap_or_else(|e| panic!("usage_records.error_kind: {e}")),
-            created_at_ms: get_i64(row, "created_at_ms"),
-        }
-    }
+fn usage_record(row: &QueryResult) -> UsageRecord {
+    UsageRecord::from_query_result(row, "").unwrap_or_else(|e| panic!("read a usage_records row: {e}"))
 }
 
 /// Prompt tokens as the mock counts them: a quarter of the upstream request body, rounded up.
@@ -705,7 +640,7 @@ impl TestEnv {
             .await
             .unwrap_or_else(|e| panic!("query usage_records: {e}"));
         let _ = db.close().await;
-        rows.iter().map(UsageRecord::from_row).collect()
+        rows.iter().map(usage_record).collect()
     }
 
     /// Polls until at least `n` usage records exist (they are written in batches shortly after the
@@ -742,7 +677,7 @@ impl TestEnv {
         let rows = db.query_all(Statement::from_string(db.get_database_backend(), sql)).await;
         let _ = db.close().await;
         match rows {
-            Ok(rows) => rows.iter().map(UsageRecord::from_row).collect(),
+            Ok(rows) => rows.iter().map(usage_record).collect(),
             Err(_) => Vec::new(),
         }
     }
