@@ -167,7 +167,6 @@ pub fn serve(config: Config) -> Result<(), AppError> {
                 refresh,
                 RefresherConfig {
                     interval: Duration::from_millis(config.pool.refresh_interval_ms),
-                    dns_ttl: Duration::from_millis(config.pool.dns_refresh_interval_ms),
                     redis_url: config.redis.url.clone(),
                 },
                 shutdown_rx.clone(),

@@ -18,7 +18,6 @@ const CHANGE_CHANNEL: &str = "tokex:pool-changed";
 
 pub struct RefresherConfig {
     pub interval: Duration,
-    pub dns_ttl: Duration,
     /// Empty: single node, no cross-node notification.
     pub redis_url: String,
 }
