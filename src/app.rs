@@ -159,6 +159,7 @@ pub fn serve(config: Config) -> Result<(), AppError> {
             keyring: keyring.clone(),
             refresh: refresh.clone(),
             session_ttl_ms: i64::try_from(config.admin.session_ttl_hours).unwrap_or(24).saturating_mul(3_600_000),
+            ledger: config.ledger.clone(),
         };
 
         let background = vec![

@@ -33,6 +33,7 @@ pub struct Config {
     pub security: SecurityConfig,
     pub pool: PoolConfig,
     pub usage: UsageConfig,
+    pub ledger: LedgerConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,6 +109,26 @@ pub struct UsageConfig {
     pub queue_capacity: usize,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// The platform's share of each settled request, in basis points (500 = 5 %).
+    pub platform_fee_bps: u32,
+    /// A hold opened for a request takes up to this many times the request's worst case, so that the
+    /// next requests are reserved in memory.
+    pub hold_block_factor: u32,
+    /// An unused hold is closed after this long (its rest goes back to its source).
+    pub hold_idle_ms: u64,
+    /// Open holds are marked alive this often.
+    pub hold_renew_ms: u64,
+    /// A hold not renewed for this long belongs to a dead node and is closed by any node.
+    pub hold_stale_ms: u64,
+    /// Escrows expire after this many days unless the buyer sets another expiry.
+    pub escrow_default_days: u32,
+    /// How often expired escrows and stale holds are looked for.
+    pub maintenance_interval_ms: u64,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -120,6 +141,7 @@ impl Default for Config {
             security: SecurityConfig::default(),
             pool: PoolConfig::default(),
             usage: UsageConfig::default(),
+            ledger: LedgerConfig::default(),
         }
     }
 }
@@ -173,6 +195,20 @@ impl Default for PoolConfig {
 impl Default for UsageConfig {
     fn default() -> Self {
         Self { batch_size: 500, flush_interval_ms: 200, queue_capacity: 100_000 }
+    }
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            platform_fee_bps: 500,
+            hold_block_factor: 20,
+            hold_idle_ms: 30_000,
+            hold_renew_ms: 60_000,
+            hold_stale_ms: 300_000,
+            escrow_default_days: 30,
+            maintenance_interval_ms: 10_000,
+        }
     }
 }
 
@@ -251,11 +287,29 @@ impl Config {
             ("usage.batch_size", self.usage.batch_size as u64),
             ("usage.flush_interval_ms", self.usage.flush_interval_ms),
             ("usage.queue_capacity", self.usage.queue_capacity as u64),
+            ("ledger.hold_block_factor", u64::from(self.ledger.hold_block_factor)),
+            ("ledger.hold_idle_ms", self.ledger.hold_idle_ms),
+            ("ledger.hold_renew_ms", self.ledger.hold_renew_ms),
+            ("ledger.hold_stale_ms", self.ledger.hold_stale_ms),
+            ("ledger.escrow_default_days", u64::from(self.ledger.escrow_default_days)),
+            ("ledger.maintenance_interval_ms", self.ledger.maintenance_interval_ms),
         ];
         for (field, value) in positive {
             if value == 0 {
                 return Err(ConfigError::Invalid { field, message: "must be greater than 0".into() });
             }
+        }
+        if self.ledger.platform_fee_bps > 10_000 {
+            return Err(ConfigError::Invalid {
+                field: "ledger.platform_fee_bps",
+                message: "must be at most 10000 (100 %)".into(),
+            });
+        }
+        if self.ledger.hold_stale_ms <= self.ledger.hold_renew_ms {
+            return Err(ConfigError::Invalid {
+                field: "ledger.hold_stale_ms",
+                message: "must be longer than ledger.hold_renew_ms".into(),
+            });
         }
         if !(self.database.url.starts_with("sqlite:") || self.database.url.starts_with("mysql://")) {
             return Err(ConfigError::Invalid {

@@ -3,7 +3,8 @@
 //! cannot index TEXT without a prefix length.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::DatabaseBackend;
+
+use crate::columns::{big, big_null, boolean, create_table, id, index, varchar};
 
 pub struct Migration;
 
@@ -93,50 +94,6 @@ enum UsageRecords {
     ClientDisconnected,
     ErrorKind,
     CreatedAtMs,
-}
-
-fn id<T: IntoIden>(name: T) -> ColumnDef {
-    ColumnDef::new(name).big_integer().not_null().auto_increment().primary_key().to_owned()
-}
-
-fn big<T: IntoIden>(name: T) -> ColumnDef {
-    ColumnDef::new(name).big_integer().not_null().to_owned()
-}
-
-fn big_null<T: IntoIden>(name: T) -> ColumnDef {
-    ColumnDef::new(name).big_integer().null().to_owned()
-}
-
-fn varchar<T: IntoIden>(name: T, len: u32) -> ColumnDef {
-    ColumnDef::new(name).string_len(len).not_null().to_owned()
-}
-
-fn boolean<T: IntoIden>(name: T) -> ColumnDef {
-    ColumnDef::new(name).boolean().not_null().to_owned()
-}
-
-/// A `CREATE TABLE` with the MySQL table options. On MySQL/MariaDB a binary collation keeps string
-/// comparison and uniqueness case-sensitive, as on SQLite: `Admin` and `admin` are different users, and
-/// base62 lookup ids differing only in case are different keys.
-fn create_table<T: IntoTableRef>(backend: DatabaseBackend, table: T) -> TableCreateStatement {
-    let mut stmt = Table::create();
-    stmt.table(table);
-    if backend == DatabaseBackend::MySql {
-        stmt.engine("InnoDB").character_set("utf8mb4").collate("utf8mb4_bin");
-    }
-    stmt
-}
-
-fn index<T: IntoIden + Copy + 'static>(name: &str, table: T, columns: &[T], unique: bool) -> IndexCreateStatement {
-    let mut stmt = Index::create();
-    stmt.name(name).table(table);
-    for column in columns {
-        stmt.col(*column);
-    }
-    if unique {
-        stmt.unique();
-    }
-    stmt
 }
 
 #[async_trait::async_trait]

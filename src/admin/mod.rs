@@ -40,6 +40,7 @@ pub struct AdminState {
     pub keyring: Arc<Keyring>,
     pub refresh: RefreshHandle,
     pub session_ttl_ms: i64,
+    pub ledger: crate::config::LedgerConfig,
 }
 
 pub fn router(state: AdminState) -> Router {

@@ -38,6 +38,7 @@ impl Api {
             keyring: Arc::new(Keyring::new([3u8; 32], vec![])),
             refresh: refresh.clone(),
             session_ttl_ms: 3_600_000,
+            ledger: crate::config::LedgerConfig::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -4,6 +4,8 @@
 pub mod buyer_keys;
 pub mod entities;
 pub mod hosted_keys;
+pub mod ledger;
+pub mod prices;
 pub mod sessions;
 pub mod usage_records;
 pub mod users;

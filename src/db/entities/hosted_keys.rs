@@ -28,6 +28,8 @@ pub struct Model {
     pub last_used_at_ms: Option<i64>,
     pub last_failure_at_ms: Option<i64>,
     pub created_at_ms: i64,
+    /// seller | platform (platform keys earn the platform the whole price).
+    pub pool: String,
     pub updated_at_ms: i64,
 }
 

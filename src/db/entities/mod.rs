@@ -1,7 +1,13 @@
 //! sea-orm entities, one per table in docs/schema.md. They hold no logic; queries live in `crate::db::*`.
 
+pub mod accounts;
 pub mod buyer_keys;
+pub mod escrows;
+pub mod holds;
 pub mod hosted_keys;
+pub mod journal_entries;
+pub mod model_prices;
+pub mod postings;
 pub mod sessions;
 pub mod usage_records;
 pub mod users;

@@ -24,6 +24,12 @@ pub struct Model {
     pub client_disconnected: bool,
     pub error_kind: Option<String>,
     pub created_at_ms: i64,
+    /// What the request cost the buyer (0 when nothing was delivered).
+    pub cost_credits: i64,
+    /// The part of the cost the buyer's funds could not cover (a hold overrun with an empty source).
+    pub unpaid_credits: i64,
+    /// The hold the request was paid from.
+    pub hold_id: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -12,6 +12,8 @@ pub struct Model {
     /// Comma-separated subset of admin,seller,buyer.
     pub roles: String,
     pub disabled: bool,
+    /// Plain wallet credits may pay for requests (otherwise only escrows do).
+    pub wallet_pays: bool,
     pub created_at_ms: i64,
 }
 

@@ -1,0 +1,990 @@
+//! The credits ledger (docs/ledger.md): double-entry accounts, immutable journal entries whose postings
+//! sum to zero, escrows and holds. Every operation is one transaction; balances change only through
+//! guarded `UPDATE ... WHERE balance + amount >= 0`, never read-check-write, so concurrent writers (several
+//! gateway nodes, the admin API) can never overdraw an account. Every entry has an idempotency key: an
+//! operation retried after an ambiguous failure finds its entry instead of posting twice.
+//!
+//! Lock order, to keep MySQL free of deadlocks between operations: escrow row, hold row, then accounts in
+//! ascending id order. Reads that decide an amount come after the locks; on MySQL the transactions run at
+//! READ COMMITTED so that those reads see the latest committed state.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sea_orm::sea_query::{Condition, Expr};
+use sea_orm::{
+    AccessMode, ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
+    DatabaseTransaction, DbBackend, DbErr, EntityTrait, IsolationLevel, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Statement, TransactionTrait,
+};
+
+use super::entities::{accounts, escrows, holds, journal_entries, postings};
+
+pub const WALLET: &str = "wallet";
+pub const ESCROW: &str = "escrow";
+pub const HOLD: &str = "hold";
+pub const REVENUE: &str = "revenue";
+pub const EXTERNAL: &str = "external";
+
+pub const ESCROW_ACTIVE: &str = "active";
+pub const ESCROW_EXHAUSTED: &str = "exhausted";
+pub const ESCROW_RELEASED: &str = "released";
+pub const ESCROW_EXPIRED: &str = "expired";
+
+pub const HOLD_OPEN: &str = "open";
+pub const HOLD_CLOSED: &str = "closed";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Db(#[from] DbErr),
+    #[error("insufficient funds in account {account_id}")]
+    InsufficientFunds { account_id: i64 },
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl LedgerError {
+    /// Lock conflicts that a fresh attempt of the whole transaction resolves.
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::Db(e) => is_transient(e),
+            _ => false,
+        }
+    }
+}
+
+/// Deadlocks and lock timeouts (MySQL), and a stale SQLite read snapshot upgraded to a write.
+pub fn is_transient(e: &DbErr) -> bool {
+    let text = e.to_string();
+    ["Deadlock found", "Lock wait timeout", "database is locked", "SQLITE_BUSY", "40001"].iter().any(|m| text.contains(m))
+}
+
+/// Starts a ledger transaction (READ COMMITTED on MySQL, see the module docs).
+pub async fn begin(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    if db.get_database_backend() == DbBackend::MySql {
+        db.begin_with_config(Some(IsolationLevel::ReadCommitted), Some(AccessMode::ReadWrite)).await
+    } else {
+        db.begin().await
+    }
+}
+
+/// Runs `$body` (an expression using the transaction `$txn`) in a ledger transaction, committing on Ok and
+/// retrying the whole transaction on transient lock conflicts.
+macro_rules! in_txn {
+    ($db:expr, |$txn:ident| $body:expr) => {{
+        let mut attempt = 0u32;
+        loop {
+            let result: Result<_, LedgerError> = async {
+                let $txn = begin($db).await?;
+                let value = $body.await?;
+                $txn.commit().await?;
+                Ok(value)
+            }
+            .await;
+            match result {
+                Err(e) if e.is_transient() && attempt < 8 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(5 << attempt.min(6))).await;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Accounts and entries
+
+/// The account's id, creating it on first use (concurrent creators meet at the unique index).
+pub async fn ensure_account(
+    c: &impl ConnectionTrait,
+    kind: &str,
+    owner_id: i64,
+    ref_id: i64,
+    now_ms: i64,
+) -> Result<i64, DbErr> {
+    if let Some(id) = find_account(c, kind, owner_id, ref_id).await? {
+        return Ok(id);
+    }
+    let inserted = accounts::ActiveModel {
+        kind: Set(kind.to_string()),
+        owner_id: Set(owner_id),
+        ref_id: Set(ref_id),
+        balance: Set(0),
+        created_at_ms: Set(now_ms),
+        updated_at_ms: Set(now_ms),
+        ..Default::default()
+    }
+    .insert(c)
+    .await;
+    match inserted {
+        Ok(model) => Ok(model.id),
+        Err(e) => find_account(c, kind, owner_id, ref_id).await?.ok_or(e),
+    }
+}
+
+async fn find_account(c: &impl ConnectionTrait, kind: &str, owner_id: i64, ref_id: i64) -> Result<Option<i64>, DbErr> {
+    accounts::Entity::find()
+        .select_only()
+        .column(accounts::Column::Id)
+        .filter(accounts::Column::Kind.eq(kind))
+        .filter(accounts::Column::OwnerId.eq(owner_id))
+        .filter(accounts::Column::RefId.eq(ref_id))
+        .into_tuple::<i64>()
+        .one(c)
+        .await
+}
+
+pub async fn wallet_account(c: &impl ConnectionTrait, user_id: i64, now_ms: i64) -> Result<i64, DbErr> {
+    ensure_account(c, WALLET, user_id, 0, now_ms).await
+}
+
+pub async fn revenue_account(c: &impl ConnectionTrait, now_ms: i64) -> Result<i64, DbErr> {
+    ensure_account(c, REVENUE, 0, 0, now_ms).await
+}
+
+pub async fn external_account(c: &impl ConnectionTrait, now_ms: i64) -> Result<i64, DbErr> {
+    ensure_account(c, EXTERNAL, 0, 0, now_ms).await
+}
+
+pub async fn balance(c: &impl ConnectionTrait, account_id: i64) -> Result<i64, DbErr> {
+    accounts::Entity::find_by_id(account_id)
+        .select_only()
+        .column(accounts::Column::Balance)
+        .into_tuple::<i64>()
+        .one(c)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("account {account_id}")))
+}
+
+/// The wallet balance, 0 for a user who never had one.
+pub async fn wallet_balance(c: &impl ConnectionTrait, user_id: i64) -> Result<i64, DbErr> {
+    match find_account(c, WALLET, user_id, 0).await? {
+        Some(id) => balance(c, id).await,
+        None => Ok(0),
+    }
+}
+
+/// One journal entry to post.
+#[derive(Clone, Debug)]
+pub struct NewEntry {
+    pub idempotency_key: String,
+    pub kind: &'static str,
+    pub request_id: Option<String>,
+    pub actor_id: Option<i64>,
+    pub memo: Option<String>,
+    /// (account, signed amount); zero amounts are dropped, amounts on one account are merged.
+    pub postings: Vec<(i64, i64)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Posted {
+    New(i64),
+    /// An entry with this idempotency key exists already; nothing was changed.
+    Already(i64),
+}
+
+/// Posts an entry inside the caller's transaction. Fails with `InsufficientFunds` (and the caller must
+/// roll back) when a debit would take an account below zero.
+pub async fn post(txn: &DatabaseTransaction, entry: NewEntry, now_ms: i64) -> Result<Posted, LedgerError> {
+    let mut merged: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut sum: i128 = 0;
+    for &(account, amount) in &entry.postings {
+        sum += i128::from(amount);
+        let slot = merged.entry(account).or_insert(0);
+        *slot = slot.checked_add(amount).ok_or_else(|| LedgerError::Invalid("amount out of range".into()))?;
+    }
+    merged.retain(|_, amount| *amount != 0);
+    if sum != 0 {
+        return Err(LedgerError::Invalid(format!("entry {} does not balance ({sum})", entry.idempotency_key)));
+    }
+    if let Some(existing) = find_entry(txn, &entry.idempotency_key).await? {
+        return Ok(Posted::Already(existing));
+    }
+    let inserted = journal_entries::ActiveModel {
+        idempotency_key: Set(entry.idempotency_key.clone()),
+        kind: Set(entry.kind.to_string()),
+        request_id: Set(entry.request_id),
+        actor_id: Set(entry.actor_id),
+        memo: Set(entry.memo),
+        created_at_ms: Set(now_ms),
+        ..Default::default()
+    }
+    .insert(txn)
+    .await;
+    let entry_id = match inserted {
+        Ok(model) => model.id,
+        // A concurrent writer posted the same key first (its transaction committed before our insert).
+        Err(e) => match find_entry(txn, &entry.idempotency_key).await? {
+            Some(existing) => return Ok(Posted::Already(existing)),
+            None => return Err(e.into()),
+        },
+    };
+    // BTreeMap: accounts are locked in ascending id order.
+    for (&account, &amount) in &merged {
+        apply(txn, account, amount, now_ms).await?;
+    }
+    if !merged.is_empty() {
+        let rows = merged.iter().map(|(&account_id, &amount)| postings::ActiveModel {
+            entry_id: Set(entry_id),
+            account_id: Set(account_id),
+            amount: Set(amount),
+            created_at_ms: Set(now_ms),
+            ..Default::default()
+        });
+        postings::Entity::insert_many(rows).exec_without_returning(txn).await?;
+    }
+    Ok(Posted::New(entry_id))
+}
+
+async fn find_entry(c: &impl ConnectionTrait, key: &str) -> Result<Option<i64>, DbErr> {
+    journal_entries::Entity::find()
+        .select_only()
+        .column(journal_entries::Column::Id)
+        .filter(journal_entries::Column::IdempotencyKey.eq(key))
+        .into_tuple::<i64>()
+        .one(c)
+        .await
+}
+
+/// The guarded balance change: a debit that would go below zero matches no row.
+async fn apply(c: &impl ConnectionTrait, account_id: i64, amount: i64, now_ms: i64) -> Result<(), LedgerError> {
+    let result = accounts::Entity::update_many()
+        .col_expr(accounts::Column::Balance, Expr::col(accounts::Column::Balance).add(amount))
+        .col_expr(accounts::Column::UpdatedAtMs, Expr::value(now_ms))
+        .filter(accounts::Column::Id.eq(account_id))
+        .filter(
+            Condition::any()
+                .add(Expr::expr(Expr::col(accounts::Column::Balance).add(amount)).gte(0))
+                .add(accounts::Column::Kind.eq(EXTERNAL)),
+        )
+        .exec(c)
+        .await?;
+    if result.rows_affected == 1 {
+        Ok(())
+    } else {
+        Err(LedgerError::InsufficientFunds { account_id })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Grants and escrows
+
+/// Credits enter the system: the external account pays the user's wallet. Returns the wallet balance after.
+pub async fn grant(
+    db: &DatabaseConnection,
+    user_id: i64,
+    amount: i64,
+    actor_id: Option<i64>,
+    idempotency_key: &str,
+    memo: Option<String>,
+    now_ms: i64,
+) -> Result<(Posted, i64), LedgerError> {
+    if amount <= 0 {
+        return Err(LedgerError::Invalid("amount must be a positive number of credits".into()));
+    }
+    in_txn!(db, |txn| async {
+        let external = external_account(&txn, now_ms).await?;
+        let wallet = wallet_account(&txn, user_id, now_ms).await?;
+        let entry = NewEntry {
+            idempotency_key: format!("grant:{idempotency_key}"),
+            kind: "grant",
+            request_id: None,
+            actor_id,
+            memo: memo.clone(),
+            postings: vec![(external, -amount), (wallet, amount)],
+        };
+        let posted = post(&txn, entry, now_ms).await?;
+        let after = balance(&txn, wallet).await?;
+        Ok::<_, LedgerError>((posted, after))
+    })
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EscrowScope {
+    pub model: Option<String>,
+    pub hosted_key_id: Option<i64>,
+}
+
+/// Moves `amount` from the buyer's wallet into a new escrow.
+pub async fn create_escrow(
+    db: &DatabaseConnection,
+    buyer_id: i64,
+    amount: i64,
+    scope: EscrowScope,
+    expires_at_ms: i64,
+    now_ms: i64,
+) -> Result<escrows::Model, LedgerError> {
+    if amount <= 0 {
+        return Err(LedgerError::Invalid("amount must be a positive number of credits".into()));
+    }
+    if expires_at_ms <= now_ms {
+        return Err(LedgerError::Invalid("the expiry must be in the future".into()));
+    }
+    in_txn!(db, |txn| async {
+        let wallet = wallet_account(&txn, buyer_id, now_ms).await?;
+        let escrow = escrows::ActiveModel {
+            buyer_id: Set(buyer_id),
+            account_id: Set(0),
+            model: Set(scope.model.clone()),
+            hosted_key_id: Set(scope.hosted_key_id),
+            amount: Set(amount),
+            status: Set(ESCROW_ACTIVE.to_string()),
+            expires_at_ms: Set(expires_at_ms),
+            created_at_ms: Set(now_ms),
+            closed_at_ms: Set(None),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        let account = ensure_account(&txn, ESCROW, buyer_id, escrow.id, now_ms).await?;
+        let mut active: escrows::ActiveModel = escrow.into();
+        active.account_id = Set(account);
+        let escrow = active.update(&txn).await?;
+        let entry = NewEntry {
+            idempotency_key: format!("escrow_fund:{}", escrow.id),
+            kind: "escrow_fund",
+            request_id: None,
+            actor_id: Some(buyer_id),
+            memo: None,
+            postings: vec![(wallet, -amount), (account, amount)],
+        };
+        match post(&txn, entry, now_ms).await {
+            Err(LedgerError::InsufficientFunds { .. }) => {
+                Err(LedgerError::Conflict("the wallet does not hold enough credits for this escrow".into()))
+            }
+            other => other.map(|_| escrow),
+        }
+    })
+}
+
+/// Locks the escrow row (a write that changes nothing) so that closing it and returning credits to it
+/// are serialised. Returns the escrow as it is now.
+async fn lock_escrow(txn: &DatabaseTransaction, escrow_id: i64) -> Result<escrows::Model, LedgerError> {
+    escrows::Entity::update_many()
+        .col_expr(escrows::Column::Status, Expr::col(escrows::Column::Status).into())
+        .filter(escrows::Column::Id.eq(escrow_id))
+        .exec(txn)
+        .await?;
+    escrows::Entity::find_by_id(escrow_id).one(txn).await?.ok_or(LedgerError::NotFound("escrow"))
+}
+
+/// Ends an active escrow (`released` by the buyer or `expired`): what is left goes back to the wallet.
+/// Credits a gateway still holds from it go back to the wallet when that hold closes.
+pub async fn close_escrow(
+    db: &DatabaseConnection,
+    buyer_id: Option<i64>,
+    escrow_id: i64,
+    status: &'static str,
+    now_ms: i64,
+) -> Result<escrows::Model, LedgerError> {
+    in_txn!(db, |txn| async {
+        let escrow = lock_escrow(&txn, escrow_id).await?;
+        if buyer_id.is_some_and(|b| b != escrow.buyer_id) {
+            return Err(LedgerError::NotFound("escrow"));
+        }
+        if escrow.status != ESCROW_ACTIVE && escrow.status != ESCROW_EXHAUSTED {
+            return Err(LedgerError::Conflict(format!("the escrow is already {}", escrow.status)));
+        }
+        let rest = balance(&txn, escrow.account_id).await?;
+        let wallet = wallet_account(&txn, escrow.buyer_id, now_ms).await?;
+        post(
+            &txn,
+            NewEntry {
+                idempotency_key: format!("escrow_close:{escrow_id}"),
+                kind: if status == ESCROW_EXPIRED { "escrow_expire" } else { "escrow_release" },
+                request_id: None,
+                actor_id: buyer_id,
+                memo: None,
+                postings: vec![(escrow.account_id, -rest), (wallet, rest)],
+            },
+            now_ms,
+        )
+        .await?;
+        let mut active: escrows::ActiveModel = escrow.into();
+        active.status = Set(status.to_string());
+        active.closed_at_ms = Set(Some(now_ms));
+        Ok::<_, LedgerError>(active.update(&txn).await?)
+    })
+}
+
+/// Expires every active escrow past its expiry. Returns how many.
+pub async fn expire_escrows(db: &DatabaseConnection, now_ms: i64) -> Result<usize, LedgerError> {
+    let due: Vec<i64> = escrows::Entity::find()
+        .select_only()
+        .column(escrows::Column::Id)
+        .filter(escrows::Column::Status.is_in([ESCROW_ACTIVE, ESCROW_EXHAUSTED]))
+        .filter(escrows::Column::ExpiresAtMs.lte(now_ms))
+        .into_tuple()
+        .all(db)
+        .await?;
+    let mut n = 0;
+    for id in due {
+        match close_escrow(db, None, id, ESCROW_EXPIRED, now_ms).await {
+            Ok(_) => n += 1,
+            // Released or expired meanwhile by someone else.
+            Err(LedgerError::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+pub async fn find_escrow(c: &impl ConnectionTrait, escrow_id: i64) -> Result<Option<escrows::Model>, DbErr> {
+    escrows::Entity::find_by_id(escrow_id).one(c).await
+}
+
+pub async fn list_escrows(c: &impl ConnectionTrait, buyer_id: i64) -> Result<Vec<escrows::Model>, DbErr> {
+    escrows::Entity::find().filter(escrows::Column::BuyerId.eq(buyer_id)).order_by_desc(escrows::Column::Id).all(c).await
+}
+
+/// Every escrow that can still pay (for the gateway's snapshot).
+pub async fn list_active_escrows(c: &impl ConnectionTrait) -> Result<Vec<escrows::Model>, DbErr> {
+    escrows::Entity::find().filter(escrows::Column::Status.eq(ESCROW_ACTIVE)).order_by_asc(escrows::Column::Id).all(c).await
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Holds
+
+/// Where a hold draws from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldSource {
+    pub buyer_id: i64,
+    pub account_id: i64,
+    pub escrow_id: Option<i64>,
+}
+
+/// Checks that an escrow source can still pay; `Ok(false)` when it cannot.
+async fn source_usable(txn: &DatabaseTransaction, source: &HoldSource, now_ms: i64) -> Result<bool, LedgerError> {
+    match source.escrow_id {
+        None => Ok(true),
+        Some(id) => {
+            let escrow = lock_escrow(txn, id).await?;
+            Ok(escrow.status == ESCROW_ACTIVE && escrow.expires_at_ms > now_ms && escrow.buyer_id == source.buyer_id)
+        }
+    }
+}
+
+/// Opens a hold of between `min` and `max` credits (as much as the source has, up to `max`). `Ok(None)`
+/// when the source has less than `min` or cannot pay any more.
+pub async fn open_hold(
+    db: &DatabaseConnection,
+    source: HoldSource,
+    node_id: &str,
+    min: i64,
+    max: i64,
+    now_ms: i64,
+) -> Result<Option<holds::Model>, LedgerError> {
+    if min <= 0 || max < min {
+        return Err(LedgerError::Invalid(format!("bad hold bounds {min}..{max}")));
+    }
+    in_txn!(db, |txn| async {
+        if !source_usable(&txn, &source, now_ms).await? {
+            return Ok(None);
+        }
+        let available = balance(&txn, source.account_id).await?;
+        let amount = available.min(max);
+        if amount < min {
+            return Ok(None);
+        }
+        let hold = holds::ActiveModel {
+            account_id: Set(0),
+            source_account_id: Set(source.account_id),
+            buyer_id: Set(source.buyer_id),
+            escrow_id: Set(source.escrow_id),
+            node_id: Set(node_id.to_string()),
+            status: Set(HOLD_OPEN.to_string()),
+            amount: Set(amount),
+            spent: Set(0),
+            created_at_ms: Set(now_ms),
+            renewed_at_ms: Set(now_ms),
+            closed_at_ms: Set(None),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        let account = ensure_account(&txn, HOLD, source.buyer_id, hold.id, now_ms).await?;
+        let mut active: holds::ActiveModel = hold.into();
+        active.account_id = Set(account);
+        let hold = active.update(&txn).await?;
+        post(
+            &txn,
+            NewEntry {
+                idempotency_key: format!("hold_open:{}", hold.id),
+                kind: "hold_open",
+                request_id: None,
+                actor_id: None,
+                memo: None,
+                postings: vec![(source.account_id, -amount), (account, amount)],
+            },
+            now_ms,
+        )
+        .await?;
+        Ok::<_, LedgerError>(Some(hold))
+    })
+}
+
+/// Moves between `min` and `max` more credits into an open hold. Returns what was added (0: the source
+/// cannot give `min`, or the hold is closed).
+pub async fn extend_hold(
+    db: &DatabaseConnection,
+    hold_id: i64,
+    min: i64,
+    max: i64,
+    now_ms: i64,
+) -> Result<i64, LedgerError> {
+    if min <= 0 || max < min {
+        return Err(LedgerError::Invalid(format!("bad hold bounds {min}..{max}")));
+    }
+    in_txn!(db, |txn| async {
+        let hold = holds::Entity::find_by_id(hold_id).one(&txn).await?.ok_or(LedgerError::NotFound("hold"))?;
+        let source = HoldSource { buyer_id: hold.buyer_id, account_id: hold.source_account_id, escrow_id: hold.escrow_id };
+        if !source_usable(&txn, &source, now_ms).await? {
+            return Ok(0);
+        }
+        // Locks the hold row and proves it is still open.
+        let locked = holds::Entity::update_many()
+            .col_expr(holds::Column::Amount, Expr::col(holds::Column::Amount).into())
+            .filter(holds::Column::Id.eq(hold_id))
+            .filter(holds::Column::Status.eq(HOLD_OPEN))
+            .exec(&txn)
+            .await?;
+        if locked.rows_affected != 1 {
+            return Ok(0);
+        }
+        let available = balance(&txn, hold.source_account_id).await?;
+        let amount = available.min(max);
+        if amount < min {
+            return Ok(0);
+        }
+        let current = holds::Entity::find_by_id(hold_id).one(&txn).await?.ok_or(LedgerError::NotFound("hold"))?;
+        let total = current.amount + amount;
+        post(
+            &txn,
+            NewEntry {
+                // The hold's total only grows, so it names each extension uniquely.
+                idempotency_key: format!("hold_extend:{hold_id}:{total}"),
+                kind: "hold_extend",
+                request_id: None,
+                actor_id: None,
+                memo: None,
+                postings: vec![(hold.source_account_id, -amount), (hold.account_id, amount)],
+            },
+            now_ms,
+        )
+        .await?;
+        holds::Entity::update_many()
+            .col_expr(holds::Column::Amount, Expr::value(total))
+            .col_expr(holds::Column::RenewedAtMs, Expr::value(now_ms))
+            .filter(holds::Column::Id.eq(hold_id))
+            .exec(&txn)
+            .await?;
+        Ok::<_, LedgerError>(amount)
+    })
+}
+
+/// Closes an open hold: what was not spent goes back to its escrow, or to the buyer's wallet when the
+/// escrow can no longer pay. Returns the amount returned (0 also when the hold was closed already).
+pub async fn close_hold(db: &DatabaseConnection, hold_id: i64, now_ms: i64) -> Result<i64, LedgerError> {
+    let Some(hold) = holds::Entity::find_by_id(hold_id).one(db).await? else {
+        return Err(LedgerError::NotFound("hold"));
+    };
+    in_txn!(db, |txn| async {
+        let escrow = match hold.escrow_id {
+            Some(id) => Some(lock_escrow(&txn, id).await?),
+            None => None,
+        };
+        let closed = holds::Entity::update_many()
+            .col_expr(holds::Column::Status, Expr::value(HOLD_CLOSED))
+            .col_expr(holds::Column::ClosedAtMs, Expr::value(now_ms))
+            .filter(holds::Column::Id.eq(hold_id))
+            .filter(holds::Column::Status.eq(HOLD_OPEN))
+            .exec(&txn)
+            .await?;
+        if closed.rows_affected != 1 {
+            return Ok(0);
+        }
+        let rest = balance(&txn, hold.account_id).await?;
+        let escrow_pays = escrow.as_ref().is_some_and(|e| e.status == ESCROW_ACTIVE && e.expires_at_ms > now_ms);
+        let target = match &escrow {
+            Some(_) if escrow_pays => hold.source_account_id,
+            Some(_) => wallet_account(&txn, hold.buyer_id, now_ms).await?,
+            None => hold.source_account_id,
+        };
+        post(
+            &txn,
+            NewEntry {
+                idempotency_key: format!("hold_close:{hold_id}"),
+                kind: "hold_close",
+                request_id: None,
+                actor_id: None,
+                memo: None,
+                postings: vec![(hold.account_id, -rest), (target, rest)],
+            },
+            now_ms,
+        )
+        .await?;
+        if let Some(escrow) = escrow.filter(|_| escrow_pays) {
+            mark_exhausted_if_empty(&txn, &escrow, now_ms).await?;
+        }
+        Ok::<_, LedgerError>(rest)
+    })
+}
+
+/// An active escrow with nothing left and nothing held is `exhausted`.
+async fn mark_exhausted_if_empty(
+    txn: &DatabaseTransaction,
+    escrow: &escrows::Model,
+    now_ms: i64,
+) -> Result<(), LedgerError> {
+    if balance(txn, escrow.account_id).await? != 0 {
+        return Ok(());
+    }
+    let open = holds::Entity::find()
+        .filter(holds::Column::EscrowId.eq(escrow.id))
+        .filter(holds::Column::Status.eq(HOLD_OPEN))
+        .count(txn)
+        .await?;
+    if open == 0 {
+        escrows::Entity::update_many()
+            .col_expr(escrows::Column::Status, Expr::value(ESCROW_EXHAUSTED))
+            .col_expr(escrows::Column::ClosedAtMs, Expr::value(now_ms))
+            .filter(escrows::Column::Id.eq(escrow.id))
+            .filter(escrows::Column::Status.eq(ESCROW_ACTIVE))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Marks the node's holds as alive.
+pub async fn renew_holds(c: &impl ConnectionTrait, hold_ids: &[i64], now_ms: i64) -> Result<(), DbErr> {
+    if hold_ids.is_empty() {
+        return Ok(());
+    }
+    holds::Entity::update_many()
+        .col_expr(holds::Column::RenewedAtMs, Expr::value(now_ms))
+        .filter(holds::Column::Id.is_in(hold_ids.iter().copied()))
+        .filter(holds::Column::Status.eq(HOLD_OPEN))
+        .exec(c)
+        .await?;
+    Ok(())
+}
+
+/// Open holds not renewed since `before_ms`: their node died (or lost the database for that long).
+pub async fn stale_holds(c: &impl ConnectionTrait, before_ms: i64) -> Result<Vec<holds::Model>, DbErr> {
+    holds::Entity::find()
+        .filter(holds::Column::Status.eq(HOLD_OPEN))
+        .filter(holds::Column::RenewedAtMs.lt(before_ms))
+        .order_by_asc(holds::Column::Id)
+        .all(c)
+        .await
+}
+
+/// Open holds of one node (at start-up, a node closes what an earlier run of itself left open).
+pub async fn open_holds_of_node(c: &impl ConnectionTrait, node_id: &str) -> Result<Vec<holds::Model>, DbErr> {
+    holds::Entity::find()
+        .filter(holds::Column::Status.eq(HOLD_OPEN))
+        .filter(holds::Column::NodeId.eq(node_id))
+        .order_by_asc(holds::Column::Id)
+        .all(c)
+        .await
+}
+
+pub async fn find_hold(c: &impl ConnectionTrait, hold_id: i64) -> Result<Option<holds::Model>, DbErr> {
+    holds::Entity::find_by_id(hold_id).one(c).await
+}
+
+/// Credits held (open holds) per source account of a buyer.
+pub async fn held_by_source(c: &impl ConnectionTrait, buyer_id: i64) -> Result<BTreeMap<i64, i64>, DbErr> {
+    let open = holds::Entity::find()
+        .filter(holds::Column::BuyerId.eq(buyer_id))
+        .filter(holds::Column::Status.eq(HOLD_OPEN))
+        .all(c)
+        .await?;
+    let mut by_source = BTreeMap::new();
+    for hold in open {
+        let held = balance(c, hold.account_id).await?;
+        *by_source.entry(hold.source_account_id).or_insert(0) += held;
+    }
+    Ok(by_source)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Settlement
+
+/// One request to settle from a hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settlement {
+    pub request_id: String,
+    pub hold_id: i64,
+    pub hold_account_id: i64,
+    pub source_account_id: i64,
+    pub cost: i64,
+    /// The seller's wallet; None when a platform key served the request (the platform keeps it all).
+    pub seller_account_id: Option<i64>,
+    pub revenue_account_id: i64,
+    pub fee_bps: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Paid by the buyer (from the hold, then from the source if the hold ran short).
+    pub paid: i64,
+    /// What the buyer's funds could not cover.
+    pub unpaid: i64,
+    pub seller: i64,
+    pub platform: i64,
+    /// This request was settled before; nothing changed now.
+    pub duplicate: bool,
+}
+
+/// The seller's share of `paid` after the platform fee (rounded down; the platform gets the rest, so the
+/// two always add up to `paid`).
+pub fn split(paid: i64, fee_bps: u32, has_seller: bool) -> (i64, i64) {
+    if !has_seller {
+        return (0, paid);
+    }
+    let fee_bps = i128::from(fee_bps.min(10_000));
+    let seller = (i128::from(paid) * (10_000 - fee_bps) / 10_000) as i64;
+    (seller, paid - seller)
+}
+
+/// Settles one request inside the caller's transaction, idempotent by request id.
+pub async fn settle(txn: &DatabaseTransaction, s: &Settlement, now_ms: i64) -> Result<Settled, LedgerError> {
+    if s.cost <= 0 {
+        return Ok(Settled::default());
+    }
+    let key = format!("settle:{}", s.request_id);
+    if find_entry(txn, &key).await?.is_some() {
+        return Ok(Settled { duplicate: true, ..Settled::default() });
+    }
+    let in_hold = balance(txn, s.hold_account_id).await?;
+    let from_hold = s.cost.min(in_hold.max(0));
+    let from_source = (s.cost - from_hold).min(balance(txn, s.source_account_id).await?.max(0));
+    let paid = from_hold + from_source;
+    let (seller, platform) = split(paid, s.fee_bps, s.seller_account_id.is_some());
+    let mut entry_postings = vec![(s.hold_account_id, -from_hold), (s.source_account_id, -from_source)];
+    if let Some(account) = s.seller_account_id {
+        entry_postings.push((account, seller));
+    }
+    entry_postings.push((s.revenue_account_id, platform));
+    let posted = post(
+        txn,
+        NewEntry {
+            idempotency_key: key,
+            kind: "settle",
+            request_id: Some(s.request_id.clone()),
+            actor_id: None,
+            memo: None,
+            postings: entry_postings,
+        },
+        now_ms,
+    )
+    .await?;
+    if let Posted::Already(_) = posted {
+        return Ok(Settled { duplicate: true, ..Settled::default() });
+    }
+    holds::Entity::update_many()
+        .col_expr(holds::Column::Spent, Expr::col(holds::Column::Spent).add(from_hold))
+        .col_expr(holds::Column::RenewedAtMs, Expr::value(now_ms))
+        .filter(holds::Column::Id.eq(s.hold_id))
+        .exec(txn)
+        .await?;
+    Ok(Settled { paid, unpaid: s.cost - paid, seller, platform, duplicate: false })
+}
+
+/// Reverses a settled request: the seller and the platform give back what they received, the buyer's wallet
+/// gets it. Fails with `InsufficientFunds` when the seller has spent it already.
+pub async fn refund_request(
+    db: &DatabaseConnection,
+    request_id: &str,
+    buyer_id: i64,
+    actor_id: Option<i64>,
+    memo: Option<String>,
+    now_ms: i64,
+) -> Result<(Posted, i64), LedgerError> {
+    in_txn!(db, |txn| async {
+        let settle_id = find_entry(&txn, &format!("settle:{request_id}")).await?.ok_or(LedgerError::NotFound("settled request"))?;
+        let rows = postings::Entity::find().filter(postings::Column::EntryId.eq(settle_id)).all(&txn).await?;
+        let wallet = wallet_account(&txn, buyer_id, now_ms).await?;
+        let mut reversal = Vec::new();
+        let mut total = 0;
+        for p in rows.iter().filter(|p| p.amount > 0) {
+            reversal.push((p.account_id, -p.amount));
+            total += p.amount;
+        }
+        reversal.push((wallet, total));
+        let posted = post(
+            &txn,
+            NewEntry {
+                idempotency_key: format!("refund:{request_id}"),
+                kind: "refund",
+                request_id: Some(request_id.to_string()),
+                actor_id,
+                memo: memo.clone(),
+                postings: reversal,
+            },
+            now_ms,
+        )
+        .await?;
+        Ok::<_, LedgerError>((posted, total))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Reading
+
+/// One posting with its entry, for transaction listings.
+#[derive(Clone, Debug, PartialEq, Eq, sea_orm::FromQueryResult, serde::Serialize)]
+pub struct PostingView {
+    pub posting_id: i64,
+    pub entry_id: i64,
+    pub kind: String,
+    pub request_id: Option<String>,
+    pub memo: Option<String>,
+    pub account_id: i64,
+    pub account_kind: String,
+    pub amount: i64,
+    pub created_at_ms: i64,
+}
+
+/// The postings on the given accounts, newest first, `limit` after the posting id `before` (keyset
+/// pagination: stable while new postings arrive).
+pub async fn postings_of(
+    c: &impl ConnectionTrait,
+    account_ids: &[i64],
+    before: Option<i64>,
+    limit: u64,
+) -> Result<Vec<PostingView>, DbErr> {
+    if account_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = account_ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    let before = before.map(|b| format!("AND p.id < {b}")).unwrap_or_default();
+    let sql = format!(
+        "SELECT p.id AS posting_id, e.id AS entry_id, e.kind AS kind, e.request_id AS request_id, e.memo AS memo, \
+         p.account_id AS account_id, a.kind AS account_kind, p.amount AS amount, p.created_at_ms AS created_at_ms \
+         FROM postings p JOIN journal_entries e ON e.id = p.entry_id JOIN accounts a ON a.id = p.account_id \
+         WHERE p.account_id IN ({ids}) {before} ORDER BY p.id DESC LIMIT {}",
+        limit.min(1000)
+    );
+    PostingView::find_by_statement(Statement::from_string(c.get_database_backend(), sql)).all(c).await
+}
+
+/// The accounts a user owns (wallet, escrows, holds).
+pub async fn accounts_of(c: &impl ConnectionTrait, user_id: i64) -> Result<Vec<accounts::Model>, DbErr> {
+    accounts::Entity::find()
+        .filter(accounts::Column::OwnerId.eq(user_id))
+        .filter(accounts::Column::Kind.is_in([WALLET, ESCROW, HOLD]))
+        .order_by_asc(accounts::Column::Id)
+        .all(c)
+        .await
+}
+
+use sea_orm::FromQueryResult;
+
+#[derive(Debug, FromQueryResult)]
+struct Row2 {
+    a: i64,
+    b: Option<i64>,
+}
+
+/// One violated invariant found by [`check`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Violation {
+    pub rule: &'static str,
+    pub detail: String,
+}
+
+/// Verifies the ledger's invariants (see `token-exchange ledger check`): every entry balances, every
+/// balance is non-negative (but the external account's) and equals the sum of its postings, every billed
+/// usage record has exactly one settlement of the right amount, and no hold has been open without a sign
+/// of life for longer than `max_hold_idle_ms`.
+pub async fn check(c: &impl ConnectionTrait, now_ms: i64, max_hold_idle_ms: i64) -> Result<Vec<Violation>, DbErr> {
+    let backend = c.get_database_backend();
+    let rows = |sql: &str| Row2::find_by_statement(Statement::from_string(backend, sql.to_string())).all(c);
+    let mut found = Vec::new();
+
+    for r in rows("SELECT entry_id AS a, SUM(amount) AS b FROM postings GROUP BY entry_id HAVING SUM(amount) <> 0").await? {
+        found.push(Violation { rule: "entry_balances", detail: format!("entry {} sums to {}", r.a, r.b.unwrap_or(0)) });
+    }
+    for r in rows(
+        "SELECT e.id AS a, NULL AS b FROM journal_entries e WHERE NOT EXISTS (SELECT 1 FROM postings p WHERE p.entry_id = e.id) \
+         AND e.kind NOT IN ('escrow_release','escrow_expire','hold_close','settle','refund')",
+    )
+    .await?
+    {
+        found.push(Violation { rule: "entry_has_postings", detail: format!("entry {} moves nothing", r.a) });
+    }
+    for r in rows(
+        "SELECT a.id AS a, a.balance - COALESCE((SELECT SUM(p.amount) FROM postings p WHERE p.account_id = a.id), 0) AS b \
+         FROM accounts a WHERE a.balance <> COALESCE((SELECT SUM(p.amount) FROM postings p WHERE p.account_id = a.id), 0)",
+    )
+    .await?
+    {
+        found.push(Violation {
+            rule: "balance_matches_postings",
+            detail: format!("account {} differs from its postings by {}", r.a, r.b.unwrap_or(0)),
+        });
+    }
+    for r in rows("SELECT id AS a, balance AS b FROM accounts WHERE balance < 0 AND kind <> 'external'").await? {
+        found.push(Violation { rule: "balance_non_negative", detail: format!("account {} is at {}", r.a, r.b.unwrap_or(0)) });
+    }
+    for r in rows("SELECT COUNT(*) AS a, SUM(balance) AS b FROM accounts").await? {
+        if r.b.unwrap_or(0) != 0 {
+            found.push(Violation { rule: "ledger_sums_to_zero", detail: format!("all balances sum to {}", r.b.unwrap_or(0)) });
+        }
+    }
+    for r in rows(
+        "SELECT COUNT(*) AS a, MIN(e.id) AS b FROM journal_entries e WHERE e.kind = 'settle' GROUP BY e.request_id HAVING COUNT(*) > 1",
+    )
+    .await?
+    {
+        found.push(Violation { rule: "one_settlement", detail: format!("entry {} and {} more settle one request", r.b.unwrap_or(0), r.a - 1) });
+    }
+    // What a settlement took from the buyer (its debits) must be what the usage record says was paid.
+    for r in rows(
+        "SELECT u.id AS a, (u.cost_credits - u.unpaid_credits) - COALESCE((SELECT -SUM(p.amount) FROM postings p \
+         JOIN journal_entries e ON e.id = p.entry_id WHERE e.request_id = u.request_id AND e.kind = 'settle' \
+         AND p.amount < 0), 0) AS b FROM usage_records u WHERE u.cost_credits > 0",
+    )
+    .await?
+    {
+        if r.b.unwrap_or(0) != 0 {
+            found.push(Violation {
+                rule: "usage_settled",
+                detail: format!("usage record {} is settled {} credits short", r.a, r.b.unwrap_or(0)),
+            });
+        }
+    }
+    let stale = stale_holds(c, now_ms - max_hold_idle_ms).await?;
+    for hold in stale {
+        found.push(Violation {
+            rule: "no_stale_hold",
+            detail: format!("hold {} (node {}) open without renewal since {}", hold.id, hold.node_id, hold.renewed_at_ms),
+        });
+    }
+    for r in rows(
+        "SELECT h.id AS a, (h.amount - h.spent) - a.balance AS b FROM holds h JOIN accounts a ON a.id = h.account_id WHERE h.status = 'open'",
+    )
+    .await?
+    {
+        if r.b.unwrap_or(0) != 0 {
+            found.push(Violation { rule: "hold_accounting", detail: format!("hold {} is off by {}", r.a, r.b.unwrap_or(0)) });
+        }
+    }
+    for r in rows(
+        "SELECT h.id AS a, a.balance AS b FROM holds h JOIN accounts a ON a.id = h.account_id WHERE h.status = 'closed' AND a.balance <> 0",
+    )
+    .await?
+    {
+        found.push(Violation { rule: "closed_hold_empty", detail: format!("closed hold {} still holds {}", r.a, r.b.unwrap_or(0)) });
+    }
+    Ok(found)
+}
