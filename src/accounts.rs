@@ -652,6 +652,7 @@ mod tests {
             password_hash: String::new(),
             roles: "buyer,bogus,seller".into(),
             disabled: false,
+            wallet_pays: true,
             created_at_ms: 0,
         };
         assert_eq!(roles_of(&user), [Role::Seller, Role::Buyer]);

@@ -124,7 +124,7 @@ pub fn serve(config: Config) -> Result<(), AppError> {
     rt.spawn_blocking(crate::openai::tokens::warm_up);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
-    let (gateway, background) = rt.block_on(async {
+    let (gateway, background, funds, usage_sink) = rt.block_on(async {
         let db = open_database(&config).await?;
         let keyring = Arc::new(load_keyring(&config)?);
         if let Some(password) =
@@ -149,7 +149,18 @@ pub fn serve(config: Config) -> Result<(), AppError> {
             config.usage.queue_capacity,
             config.usage.batch_size,
             Duration::from_millis(config.usage.flush_interval_ms),
+            config.ledger.platform_fee_bps,
         );
+        let funds = crate::billing::Funds::new(
+            db.clone(),
+            tokio::runtime::Handle::current(),
+            crate::billing::FundsSettings {
+                node_id: node_id(),
+                block_factor: config.ledger.hold_block_factor,
+                idle: Duration::from_millis(config.ledger.hold_idle_ms),
+            },
+        );
+        tracing::info!(node_id = funds.node_id(), "ledger node id");
         let refresh = RefreshHandle::default();
 
         let admin_listener = bind(&config.admin.listen).await?;
@@ -165,7 +176,7 @@ pub fn serve(config: Config) -> Result<(), AppError> {
         let background = vec![
             tokio::spawn(usage_writer.run(shutdown_rx.clone())),
             tokio::spawn(refresher.run(
-                refresh,
+                refresh.clone(),
                 RefresherConfig {
                     interval: Duration::from_millis(config.pool.refresh_interval_ms),
                     redis_url: config.redis.url.clone(),
@@ -179,9 +190,18 @@ pub fn serve(config: Config) -> Result<(), AppError> {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(serve_http(metrics_listener, metrics_router(), shutdown_rx.clone())),
+            tokio::spawn(crate::billing::maintenance(
+                db.clone(),
+                funds.clone(),
+                usage_sink.clone(),
+                refresh.clone(),
+                config.ledger.clone(),
+                shutdown_rx.clone(),
+            )),
         ];
-        let gateway = Gateway::new(shared_pool, usage_sink, GatewaySettings::from_config(&config.gateway));
-        Ok::<_, AppError>((gateway, background))
+        let gateway =
+            Gateway::new(shared_pool, usage_sink.clone(), funds.clone(), GatewaySettings::from_config(&config.gateway));
+        Ok::<_, AppError>((gateway, background, funds, usage_sink))
     })?;
 
     let server_conf = ServerConf {
@@ -205,6 +225,11 @@ pub fn serve(config: Config) -> Result<(), AppError> {
     server.run(RunArgs::default());
 
     tracing::info!("gateway stopped; flushing usage records");
+    // No request runs any more: every hold can be closed once the settlements queued before are written.
+    if !usage_sink.close_holds(funds.retire_all()) {
+        tracing::warn!("the usage queue is full; open holds are left to the stale-hold recovery");
+    }
+    drop(usage_sink);
     let _ = shutdown_tx.send(true);
     rt.block_on(async {
         for task in background {
@@ -215,6 +240,15 @@ pub fn serve(config: Config) -> Result<(), AppError> {
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// A name for this process in the holds it opens: unique per start, so that a restarted node never takes
+/// its predecessor's holds for its own (they are recovered as stale).
+fn node_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into());
+    let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').take(24).collect();
+    let unique = uuid::Uuid::now_v7().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &unique[unique.len() - 8..])
 }
 
 /// `/healthz` on the admin port is what load balancers and orchestrators poll, so it must not answer

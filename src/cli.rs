@@ -4,9 +4,10 @@
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::accounts::{self, NewSellerKey, Role};
+use crate::accounts::{self, AccountError, NewSellerKey, Role};
 use crate::app::{app_runtime, load_keyring, open_database, AppError};
 use crate::config::Config;
+use crate::ledger::{self, FundsError};
 
 #[derive(Subcommand)]
 pub enum UserCommand {
@@ -66,6 +67,57 @@ pub struct SellerKeyAdd {
     /// Balance the seller declares for this key, in credits.
     #[arg(long, default_value_t = 0)]
     declared_balance: i64,
+}
+
+#[derive(Subcommand)]
+pub enum CreditsCommand {
+    /// Grant credits to a user's wallet.
+    ///
+    /// A running gateway sees the new balance at its next periodic pool refresh (pool.refresh_interval_ms,
+    /// 10 s by default); grants through the admin REST API apply at once.
+    Grant {
+        #[arg(long)]
+        username: String,
+        /// Credits to add (a positive integer).
+        #[arg(long)]
+        amount: i64,
+        #[arg(long)]
+        memo: Option<String>,
+        /// Makes the grant safe to retry: a second grant with the same key changes nothing (default: a fresh
+        /// key, so every run grants).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PriceCommand {
+    /// Set a model's price (a model without a price is not served).
+    ///
+    /// A running gateway applies it at its next periodic pool refresh (pool.refresh_interval_ms, 10 s by
+    /// default); prices set through the admin REST API apply at once.
+    Set {
+        #[arg(long)]
+        model: String,
+        /// Credits per million prompt tokens.
+        #[arg(long)]
+        prompt: i64,
+        /// Credits per million completion tokens.
+        #[arg(long)]
+        completion: i64,
+        /// Completion tokens assumed for a request that sets no max_tokens.
+        #[arg(long, default_value_t = ledger::DEFAULT_MAX_OUTPUT_TOKENS)]
+        max_output_tokens: i64,
+    },
+    /// List every model's price.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum LedgerCommand {
+    /// Verify the ledger's invariants (docs/ledger.md). Exit status: 0 when every invariant holds, 1 when
+    /// any is violated (each one is printed), 2 when the check could not run.
+    Check,
 }
 
 pub fn migrate(config: &Config) -> Result<(), AppError> {
@@ -139,6 +191,61 @@ pub fn rotate_master_key(config: &Config) -> Result<(), AppError> {
             )))
         }
     })
+}
+
+pub fn credits(config: &Config, command: CreditsCommand) -> Result<(), AppError> {
+    let CreditsCommand::Grant { username, amount, memo, idempotency_key } = command;
+    app_runtime()?.block_on(async {
+        let db = open_database(config).await?;
+        let user = accounts::find_user(&db, &username).await?;
+        let granted = ledger::grant_credits(&db, user.id, amount, memo, idempotency_key.as_deref(), None)
+            .await
+            .map_err(funds_error)?;
+        emit(&json!({
+            "entry_id": granted.entry_id,
+            "user_id": granted.user_id,
+            "amount": granted.amount,
+            "balance": granted.balance,
+            "duplicate": granted.duplicate,
+        }));
+        Ok(())
+    })
+}
+
+pub fn price(config: &Config, command: PriceCommand) -> Result<(), AppError> {
+    app_runtime()?.block_on(async {
+        let db = open_database(config).await?;
+        match command {
+            PriceCommand::Set { model, prompt, completion, max_output_tokens } => {
+                let price = ledger::set_price(&db, &model, prompt, completion, Some(max_output_tokens), None)
+                    .await
+                    .map_err(funds_error)?;
+                emit(&json!(price));
+            }
+            PriceCommand::List => emit(&json!(ledger::list_prices(&db).await.map_err(funds_error)?)),
+        }
+        Ok(())
+    })
+}
+
+/// `Ok(true)` when the ledger is sound, `Ok(false)` when a violation was found (and printed).
+pub fn ledger(config: &Config, command: LedgerCommand) -> Result<bool, AppError> {
+    let LedgerCommand::Check = command;
+    app_runtime()?.block_on(async {
+        let db = open_database(config).await?;
+        let report = ledger::check(&db, config.ledger.hold_stale_ms).await.map_err(funds_error)?;
+        emit(&json!(report));
+        Ok(report.ok)
+    })
+}
+
+/// The CLI reports errors by their message; the kinds matter only to the REST API's status codes.
+fn funds_error(e: FundsError) -> AppError {
+    match e {
+        FundsError::Db(e) => AppError::Db(e),
+        FundsError::NotFound { what } => AppError::Accounts(AccountError::NotFound { what }),
+        other => AppError::Accounts(AccountError::Conflict { message: other.to_string() }),
+    }
 }
 
 /// Standard output is this command's interface: one JSON document per command.

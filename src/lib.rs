@@ -16,11 +16,13 @@
 pub mod accounts;
 pub mod admin;
 pub mod app;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod crypto;
 pub mod db;
+pub mod ledger;
 pub mod metrics;
 pub mod openai;
 pub mod pool;

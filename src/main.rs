@@ -34,6 +34,27 @@ enum Command {
     SellerKey(cli::SellerKeyCommand),
     /// Re-encrypt every seller key under TOKEX_MASTER_KEY (old keys in TOKEX_PREVIOUS_MASTER_KEYS).
     RotateMasterKey,
+    /// Grant credits.
+    #[command(subcommand)]
+    Credits(cli::CreditsCommand),
+    /// Manage model prices.
+    #[command(subcommand)]
+    Price(cli::PriceCommand),
+    /// Inspect the credits ledger.
+    #[command(subcommand)]
+    Ledger(cli::LedgerCommand),
+}
+
+/// `ledger check`: 0 when sound, 1 on a violation, 2 when the check could not run.
+fn check_exit_code(result: Result<bool, token_exchange::app::AppError>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -53,6 +74,9 @@ fn main() -> ExitCode {
         Command::BuyerKey(cmd) => cli::buyer_key(&config, cmd),
         Command::SellerKey(cmd) => cli::seller_key(&config, cmd),
         Command::RotateMasterKey => cli::rotate_master_key(&config),
+        Command::Credits(cmd) => cli::credits(&config, cmd),
+        Command::Price(cmd) => cli::price(&config, cmd),
+        Command::Ledger(cmd) => return check_exit_code(cli::ledger(&config, cmd)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

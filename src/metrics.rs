@@ -29,6 +29,18 @@ pub struct Metrics {
     pub usage_records_dropped: IntCounter,
     pub usage_write_errors: IntCounter,
     pub pool_refresh_errors: IntCounter,
+    /// Credits buyers paid for settled requests, by model.
+    pub credits_spent: IntCounterVec,
+    /// Credits the platform earned (fees and platform-key requests).
+    pub platform_revenue: IntCounter,
+    /// Credits requests cost that the buyer's funds could not cover (hold overruns).
+    pub credits_unpaid: IntCounter,
+    /// From the end of a request to the commit of its settlement.
+    pub settlement_lag: prometheus::Histogram,
+    /// Requests refused because no source could cover their worst case.
+    pub insufficient_funds: IntCounter,
+    /// Holds this node keeps open.
+    pub holds_open: IntGauge,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
@@ -93,6 +105,34 @@ impl Metrics {
                 "Failed reloads of the key pool from the database"
             )
             .expect("metric"),
+            credits_spent: register_int_counter_vec!(
+                "tokex_credits_spent_total",
+                "Credits paid by buyers for settled requests, by model",
+                &["model"]
+            )
+            .expect("metric"),
+            platform_revenue: register_int_counter!(
+                "tokex_platform_revenue_credits_total",
+                "Credits earned by the platform (fees and platform keys)"
+            )
+            .expect("metric"),
+            credits_unpaid: register_int_counter!(
+                "tokex_credits_unpaid_total",
+                "Credits owed by requests that the buyer's funds could not cover"
+            )
+            .expect("metric"),
+            settlement_lag: prometheus::register_histogram!(
+                "tokex_settlement_lag_seconds",
+                "Time from the end of a request to the commit of its settlement",
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+            )
+            .expect("metric"),
+            insufficient_funds: register_int_counter!(
+                "tokex_insufficient_funds_total",
+                "Requests refused with 402 because no escrow or wallet could cover them"
+            )
+            .expect("metric"),
+            holds_open: register_int_gauge!("tokex_holds_open", "Credit holds this node keeps open").expect("metric"),
         }
     }
 }

@@ -1,15 +1,21 @@
-//! Usage records: produced once per gateway request, written to the database in batches by a background
-//! task, never on the request path. The queue is bounded: when the database is down the gateway keeps
-//! serving and counts what it had to drop, instead of growing without limit.
+//! Usage records and their settlement: produced once per gateway request, written to the database in
+//! batches by a background task, never on the request path. A record and the settlement of what the
+//! request cost are written in one transaction, idempotent by request id (docs/ledger.md).
+//!
+//! The queue is bounded. A request that can cost money takes a queue slot before it is proxied (a
+//! [`UsagePermit`]), so its record can never be dropped for lack of room: when the database is down long
+//! enough to fill the queue, new paid requests are refused instead of served unbilled.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use sea_orm::{ActiveValue::Set, DatabaseConnection, TransactionTrait};
+use sea_orm::{ActiveValue::Set, DatabaseConnection};
 use tokio::sync::{mpsc, watch};
 
+use crate::billing::Charge;
 use crate::db::entities::usage_records;
 use crate::db::hosted_keys::KeyOutcome;
+use crate::db::ledger::{self, LedgerError, Settlement};
 use crate::metrics::METRICS;
 
 /// One finished gateway request.
@@ -38,32 +44,66 @@ pub struct UsageRecord {
     pub created_at_ms: i64,
     /// Every attempt's key and whether it succeeded, to keep the keys' success and failure counts.
     pub key_attempts: Vec<(i64, bool)>,
+    /// What the request owes and where it is paid from (None: nothing was reserved).
+    pub charge: Option<Charge>,
+}
+
+/// What the writer is asked to do, in queue order.
+#[derive(Debug)]
+pub enum UsageItem {
+    Record(Box<UsageRecord>),
+    /// Close these holds: queued after every settlement that draws from them.
+    CloseHolds(Vec<i64>),
 }
 
 /// The producer side, cloned into every gateway thread.
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: mpsc::Sender<UsageRecord>,
+    tx: mpsc::Sender<UsageItem>,
+}
+
+/// A reserved queue slot: the record sent with it is never dropped.
+pub struct UsagePermit(mpsc::OwnedPermit<UsageItem>);
+
+impl UsagePermit {
+    pub fn send(self, record: UsageRecord) {
+        self.0.send(UsageItem::Record(Box::new(record)));
+    }
 }
 
 impl UsageSink {
-    /// Never waits: a full queue drops the record and counts it.
+    /// Never waits: a full queue drops the record and counts it. For records that cost nothing.
     pub fn submit(&self, record: UsageRecord) {
-        if let Err(e) = self.tx.try_send(record) {
+        if let Err(e) = self.tx.try_send(UsageItem::Record(Box::new(record))) {
             METRICS.usage_records_dropped.inc();
-            let record = match e {
-                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
-            };
-            tracing::error!(request_id = %record.request_id, "usage queue full or closed; record dropped");
+            if let mpsc::error::TrySendError::Full(UsageItem::Record(r))
+            | mpsc::error::TrySendError::Closed(UsageItem::Record(r)) = e
+            {
+                tracing::error!(request_id = %r.request_id, "usage queue full or closed; record dropped");
+            }
         }
+    }
+
+    /// A queue slot for a request that may cost money, or None when the queue is full.
+    pub fn reserve(&self) -> Option<UsagePermit> {
+        self.tx.clone().try_reserve_owned().ok().map(UsagePermit)
+    }
+
+    /// Queues the closing of holds behind the settlements already queued. False when the queue is full.
+    pub fn close_holds(&self, hold_ids: Vec<i64>) -> bool {
+        hold_ids.is_empty() || self.tx.try_send(UsageItem::CloseHolds(hold_ids)).is_ok()
     }
 }
 
 pub struct UsageWriter {
-    rx: mpsc::Receiver<UsageRecord>,
+    rx: mpsc::Receiver<UsageItem>,
     db: DatabaseConnection,
     batch_size: usize,
     flush_interval: Duration,
+    fee_bps: u32,
+    /// Wallet account per seller, and the revenue account, created on first use (outside batches).
+    wallets: HashMap<i64, i64>,
+    revenue: Option<i64>,
 }
 
 pub fn channel(
@@ -71,9 +111,11 @@ pub fn channel(
     capacity: usize,
     batch_size: usize,
     flush_interval: Duration,
+    fee_bps: u32,
 ) -> (UsageSink, UsageWriter) {
     let (tx, rx) = mpsc::channel(capacity);
-    (UsageSink { tx }, UsageWriter { rx, db, batch_size, flush_interval })
+    let writer = UsageWriter { rx, db, batch_size, flush_interval, fee_bps, wallets: HashMap::new(), revenue: None };
+    (UsageSink { tx }, writer)
 }
 
 impl UsageWriter {
@@ -87,8 +129,8 @@ impl UsageWriter {
             let mut stop = false;
             while batch.len() < self.batch_size {
                 tokio::select! {
-                    record = self.rx.recv() => match record {
-                        Some(r) => batch.push(r),
+                    item = self.rx.recv() => match item {
+                        Some(item) => batch.push(item),
                         None => { stop = true; break; }
                     },
                     () = &mut deadline => break,
@@ -98,8 +140,8 @@ impl UsageWriter {
                 }
             }
             if stop {
-                while let Ok(r) = self.rx.try_recv() {
-                    batch.push(r);
+                while let Ok(item) = self.rx.try_recv() {
+                    batch.push(item);
                     if batch.len() >= self.batch_size {
                         self.write(std::mem::take(&mut batch)).await;
                     }
@@ -113,39 +155,124 @@ impl UsageWriter {
         }
     }
 
-    /// Inserts are idempotent by request id and the batch is one transaction, so a failed write can be retried.
-    async fn write(&self, batch: Vec<UsageRecord>) {
+    /// Writes the records (with their settlements) in queue order, closing holds where they were queued.
+    async fn write(&mut self, items: Vec<UsageItem>) {
+        let mut records = Vec::new();
+        for item in items {
+            match item {
+                UsageItem::Record(r) => records.push(*r),
+                UsageItem::CloseHolds(ids) => {
+                    self.write_records(std::mem::take(&mut records)).await;
+                    self.close_holds(&ids).await;
+                }
+            }
+        }
+        self.write_records(records).await;
+    }
+
+    async fn close_holds(&self, ids: &[i64]) {
+        for &id in ids {
+            if let Err(e) = ledger::close_hold(&self.db, id, crate::now_ms()).await {
+                // Left open, it is closed as stale by the maintenance task later.
+                tracing::warn!(hold_id = id, error = %e, "closing a hold failed");
+            }
+        }
+    }
+
+    /// One transaction per batch: a retried batch can neither duplicate records, settle twice nor count key
+    /// outcomes twice. A batch that keeps failing is split, so one bad record cannot lose the others.
+    async fn write_records(&mut self, batch: Vec<UsageRecord>) {
         if batch.is_empty() {
             return;
         }
-        let outcomes = key_outcomes(&batch);
-        let n = batch.len() as u64;
-        let rows: Vec<usage_records::ActiveModel> = batch.iter().map(to_row).collect();
         let mut backoff = Duration::from_millis(100);
-        for attempt in 1..=5 {
-            // One transaction: a retried batch can neither duplicate records nor count key outcomes twice.
-            let result = async {
-                let txn = self.db.begin().await?;
-                crate::db::usage_records::insert_batch(&txn, rows.clone()).await?;
-                crate::db::hosted_keys::apply_outcomes(&txn, &outcomes).await?;
-                txn.commit().await
-            }
-            .await;
-            match result {
+        for attempt in 1..=4 {
+            match self.write_batch(&batch).await {
                 Ok(()) => {
-                    METRICS.usage_records_written.inc_by(n);
+                    METRICS.usage_records_written.inc_by(batch.len() as u64);
                     return;
                 }
                 Err(e) => {
                     METRICS.usage_write_errors.inc();
-                    tracing::warn!(error = %e, attempt, records = n, "writing usage records failed");
+                    tracing::warn!(error = %e, attempt, records = batch.len(), "writing usage records failed");
+                    if batch.len() > 1 && attempt >= 2 {
+                        break;
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }
-        METRICS.usage_records_dropped.inc_by(n);
-        tracing::error!(records = n, "usage records dropped after repeated database errors");
+        if batch.len() > 1 {
+            for record in batch {
+                Box::pin(self.write_records(vec![record])).await;
+            }
+            return;
+        }
+        METRICS.usage_records_dropped.inc_by(batch.len() as u64);
+        for record in &batch {
+            tracing::error!(request_id = %record.request_id, "usage record dropped after repeated database errors");
+        }
+    }
+
+    async fn write_batch(&mut self, batch: &[UsageRecord]) -> Result<(), LedgerError> {
+        let now = crate::now_ms();
+        // Accounts are created outside the batch transaction, so that a rolled-back batch cannot leave
+        // cached ids of accounts that do not exist.
+        let revenue = match self.revenue {
+            Some(id) => id,
+            None => {
+                let id = ledger::revenue_account(&self.db, now).await?;
+                self.revenue = Some(id);
+                id
+            }
+        };
+        for seller in batch.iter().filter_map(|r| r.charge.as_ref().and_then(|c| c.seller_id)) {
+            if !self.wallets.contains_key(&seller) {
+                let id = ledger::wallet_account(&self.db, seller, now).await?;
+                self.wallets.insert(seller, id);
+            }
+        }
+        let outcomes = key_outcomes(batch);
+        let txn = ledger::begin(&self.db).await?;
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut settled_all = Vec::with_capacity(batch.len());
+        for record in batch {
+            let mut unpaid = 0;
+            if let Some(charge) = record.charge.as_ref().filter(|c| c.cost > 0) {
+                let settlement = Settlement {
+                    request_id: record.request_id.clone(),
+                    hold_id: charge.hold_id,
+                    hold_account_id: charge.hold_account_id,
+                    source_account_id: charge.source_account_id,
+                    cost: charge.cost,
+                    seller_account_id: charge.seller_id.and_then(|s| self.wallets.get(&s).copied()),
+                    revenue_account_id: revenue,
+                    fee_bps: self.fee_bps,
+                };
+                let settled = ledger::settle(&txn, &settlement, now).await?;
+                if settled.unpaid > 0 {
+                    tracing::warn!(request_id = %record.request_id, unpaid = settled.unpaid, "the buyer could not pay the whole cost");
+                }
+                unpaid = settled.unpaid;
+                settled_all.push((record.model.as_str(), settled));
+            }
+            rows.push(to_row(record, unpaid));
+        }
+        crate::db::usage_records::insert_batch(&txn, rows).await?;
+        crate::db::hosted_keys::apply_outcomes(&txn, &outcomes).await?;
+        txn.commit().await?;
+        let done = crate::now_ms();
+        for record in batch {
+            let ended = record.created_at_ms.saturating_add(i64::try_from(record.latency_ms).unwrap_or(0));
+            METRICS.settlement_lag.observe((done - ended).max(0) as f64 / 1000.0);
+        }
+        for (model, settled) in settled_all.into_iter().filter(|(_, s)| !s.duplicate) {
+            METRICS.credits_spent.with_label_values(&[model]).inc_by(settled.paid.unsigned_abs());
+            METRICS.platform_revenue.inc_by(settled.platform.unsigned_abs());
+            METRICS.credits_unpaid.inc_by(settled.unpaid.unsigned_abs());
+        }
+        Ok(())
     }
 }
 
@@ -172,7 +299,7 @@ fn key_outcomes(batch: &[UsageRecord]) -> Vec<KeyOutcome> {
     by_key.into_values().collect()
 }
 
-fn to_row(r: &UsageRecord) -> usage_records::ActiveModel {
+fn to_row(r: &UsageRecord, unpaid: i64) -> usage_records::ActiveModel {
     let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     usage_records::ActiveModel {
         request_id: Set(r.request_id.clone()),
@@ -193,6 +320,9 @@ fn to_row(r: &UsageRecord) -> usage_records::ActiveModel {
         client_disconnected: Set(r.client_disconnected),
         error_kind: Set(r.error_kind.map(String::from)),
         created_at_ms: Set(r.created_at_ms),
+        cost_credits: Set(r.charge.as_ref().map_or(0, |c| c.cost)),
+        unpaid_credits: Set(unpaid),
+        hold_id: Set(r.charge.as_ref().map(|c| c.hold_id)),
         ..Default::default()
     }
 }
@@ -222,6 +352,7 @@ mod tests {
             error_kind: None,
             created_at_ms: at,
             key_attempts: attempts,
+            charge: None,
         }
     }
 

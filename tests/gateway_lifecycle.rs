@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Backend, BuyerKeyOptions, Readiness, StatusCode, TestEnv};
+use common::{Backend, BuyerKeyOptions, Readiness, StatusCode, TestEnv, TEST_COMPLETION_PRICE, TEST_PROMPT_PRICE};
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::json;
@@ -71,7 +71,9 @@ async fn keys_added_while_serving_become_routable(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Admin API: routable at once, no waiting for a refresh.
+    // Admin API: routable at once, no waiting for a refresh (its price is set beforehand; the key's
+    // addition reloads prices too).
+    env.set_price("instant-model", TEST_PROMPT_PRICE, TEST_COMPLETION_PRICE).await;
     let token = gateway.login("seller").await;
     let new_key = json!({
         "provider": "openai",

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Backend, Gateway, StatusCode, TestEnv};
+use common::{Backend, Gateway, StatusCode, TestEnv, TEST_COMPLETION_PRICE, TEST_PROMPT_PRICE};
 use reqwest::Method;
 use serde_json::json;
 
@@ -41,6 +41,8 @@ async fn admin_changes_on_one_node_reach_the_others_through_redis() {
         let env = TestEnv::new(Backend::MariaDb).await;
         let buyer = env.seller_and_buyer().await;
         let first_key = env.add_seller_key("seller", "sk-mock-nodeA-1111", &[MODEL], 1_000).await;
+        // Priced beforehand: a price alone does not make a model servable.
+        env.set_price("late-model", TEST_PROMPT_PRICE, TEST_COMPLETION_PRICE).await;
         let node_env =
             [("TOKEX_REDIS_URL", "redis://127.0.0.1:6379"), ("TOKEX_POOL_REFRESH_INTERVAL_MS", SLOW_REFRESH_MS)];
         let node_a = env.start_gateway_with(&node_env).await;

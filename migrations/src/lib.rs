@@ -3,9 +3,9 @@
 
 pub use sea_orm_migration::prelude::*;
 
+mod columns;
 mod m20261124_000001_create_tables;
 mod m20261124_000002_ledger;
-mod columns;
 
 pub struct Migrator;
 

@@ -244,7 +244,12 @@ impl MigrationTrait for Migration {
             .create_index(index("ix_holds_status_renewed", Holds::Table, &[Holds::Status, Holds::RenewedAtMs], false))
             .await?;
         manager
-            .create_index(index("ix_holds_source_status", Holds::Table, &[Holds::SourceAccountId, Holds::Status], false))
+            .create_index(index(
+                "ix_holds_source_status",
+                Holds::Table,
+                &[Holds::SourceAccountId, Holds::Status],
+                false,
+            ))
             .await?;
 
         manager
@@ -274,7 +279,9 @@ impl MigrationTrait for Migration {
                 .await?;
         }
         manager
-            .alter_table(Table::alter().table(UsageRecords::Table).add_column(big_null(UsageRecords::HoldId)).to_owned())
+            .alter_table(
+                Table::alter().table(UsageRecords::Table).add_column(big_null(UsageRecords::HoldId)).to_owned(),
+            )
             .await?;
         manager
             .alter_table(
@@ -288,9 +295,7 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .alter_table(Table::alter().table(HostedKeys::Table).drop_column(HostedKeys::Pool).to_owned())
-            .await?;
+        manager.alter_table(Table::alter().table(HostedKeys::Table).drop_column(HostedKeys::Pool).to_owned()).await?;
         for column in [UsageRecords::HoldId, UsageRecords::UnpaidCredits, UsageRecords::CostCredits] {
             manager.alter_table(Table::alter().table(UsageRecords::Table).drop_column(column).to_owned()).await?;
         }

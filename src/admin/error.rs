@@ -1,8 +1,8 @@
 //! The admin API's one error shape, `{"error":{"code":"...","message":"..."}}`, for every failure:
 //! domain errors, and axum's own rejections of malformed requests.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequest, Request};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,11 +10,14 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::accounts::AccountError;
+use crate::ledger::FundsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(transparent)]
     Account(#[from] AccountError),
+    #[error(transparent)]
+    Funds(#[from] FundsError),
     /// The body is not JSON at all.
     #[error("{message}")]
     MalformedJson { message: String },
@@ -23,6 +26,8 @@ pub enum ApiError {
     InvalidBody { message: String },
     #[error("{message}")]
     InvalidPath { message: String },
+    #[error("{message}")]
+    InvalidQuery { message: String },
     #[error("expected a request body with Content-Type: application/json")]
     UnsupportedMediaType,
     #[error("the request body is too large")]
@@ -37,7 +42,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Account(e) => e.status(),
-            Self::MalformedJson { .. } | Self::InvalidBody { .. } | Self::InvalidPath { .. } => StatusCode::BAD_REQUEST,
+            Self::Funds(e) => e.status(),
+            Self::MalformedJson { .. }
+            | Self::InvalidBody { .. }
+            | Self::InvalidPath { .. }
+            | Self::InvalidQuery { .. } => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RouteNotFound => StatusCode::NOT_FOUND,
@@ -48,8 +57,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Account(e) => e.code(),
+            Self::Funds(e) => e.code(),
             Self::MalformedJson { .. } => "malformed_json",
-            Self::InvalidBody { .. } | Self::InvalidPath { .. } => "invalid_request",
+            Self::InvalidBody { .. } | Self::InvalidPath { .. } | Self::InvalidQuery { .. } => "invalid_request",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::PayloadTooLarge => "payload_too_large",
             Self::RouteNotFound => "not_found",
@@ -127,8 +137,22 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let Json(value) = Json::<T>::from_request(req, state).await?;
+        let Json(value) = <Json<T> as FromRequest<S>>::from_request(req, state).await?;
         Ok(Self(value))
+    }
+}
+
+/// An optional body: a request without `Content-Type` has none (`Option<ApiJson<T>>`).
+impl<T, S> OptionalFromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        let value = <Json<T> as OptionalFromRequest<S>>::from_request(req, state).await?;
+        Ok(value.map(|Json(value)| Self(value)))
     }
 }
 
@@ -152,6 +176,29 @@ where
 
 fn path_error(rejection: PathRejection) -> ApiError {
     ApiError::InvalidPath { message: format!("invalid path parameter: {}", rejection.body_text()) }
+}
+
+/// `Query<T>` whose rejections answer in the API's error shape. Query types use
+/// `#[serde(deny_unknown_fields)]` too.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(query_error(rejection)),
+        }
+    }
+}
+
+fn query_error(rejection: QueryRejection) -> ApiError {
+    ApiError::InvalidQuery { message: redact_string_values(&rejection.body_text()) }
 }
 
 #[cfg(test)]

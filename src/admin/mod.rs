@@ -1,4 +1,5 @@
-//! The admin REST API (axum): logins, buyer keys, seller keys and user management.
+//! The admin REST API (axum): logins, buyer keys, seller keys, user management, and credits: grants,
+//! refunds, prices, escrows, wallets and earnings (docs/ledger.md).
 //!
 //! Every error answers `{"error":{"code":"...","message":"..."}}` with its status, including malformed
 //! requests. Authentication is a bearer session token from `/api/v1/auth/login`; each route needs one
@@ -8,7 +9,9 @@
 
 mod auth;
 mod buyer;
+mod credits;
 mod error;
+mod funds;
 mod seller;
 mod users;
 mod views;
@@ -21,7 +24,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use sea_orm::DatabaseConnection;
 use serde_json::{json, Value};
@@ -57,6 +60,20 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/seller/keys/{id}/resume", post(seller::resume))
         .route("/api/v1/admin/users", post(users::create_user).get(users::list_users))
         .route("/api/v1/admin/keys", get(users::list_keys))
+        .route("/api/v1/admin/users/{id}/credits", post(credits::grant))
+        .route("/api/v1/admin/users/{id}/settings", put(credits::set_user_settings))
+        .route("/api/v1/admin/requests/{request_id}/refund", post(credits::refund))
+        // A wildcard: model names may contain slashes (`meta-llama/llama-3-70b`).
+        .route("/api/v1/admin/prices/{*model}", put(credits::set_price).delete(credits::delete_price))
+        .route("/api/v1/admin/ledger/check", get(credits::check))
+        .route("/api/v1/prices", get(credits::list_prices))
+        .route("/api/v1/buyer/wallet", get(funds::wallet))
+        .route("/api/v1/buyer/settings", put(funds::set_settings))
+        .route("/api/v1/buyer/escrows", post(funds::create_escrow).get(funds::list_escrows))
+        .route("/api/v1/buyer/escrows/{id}/release", post(funds::release_escrow))
+        .route("/api/v1/buyer/transactions", get(funds::buyer_transactions))
+        .route("/api/v1/seller/earnings", get(funds::earnings))
+        .route("/api/v1/seller/transactions", get(funds::seller_transactions))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -19,7 +19,7 @@ struct Api {
     refresh: RefreshHandle,
     /// Every response body, to prove that secrets never leave the server.
     bodies: Arc<Mutex<Vec<String>>>,
-    _db: TestDb,
+    db: TestDb,
 }
 
 struct Reply {
@@ -30,7 +30,10 @@ struct Reply {
 
 impl Api {
     async fn start() -> Self {
-        let test_db = TestDb::sqlite().await;
+        Self::start_on(TestDb::sqlite().await).await
+    }
+
+    async fn start_on(test_db: TestDb) -> Self {
         accounts::ensure_admin(&test_db.db, Some(ADMIN_PASSWORD)).await.unwrap();
         let refresh = RefreshHandle::default();
         let state = AdminState {
@@ -48,7 +51,7 @@ impl Api {
             client: reqwest::Client::new(),
             refresh,
             bodies: Arc::default(),
-            _db: test_db,
+            db: test_db,
         }
     }
 
@@ -96,6 +99,15 @@ impl Api {
         let reply = self.call(Method::POST, "/api/v1/admin/users", Some(admin), Some(body)).await;
         assert_eq!(reply.status, 201, "{}", reply.json);
         self.login(username, "password1").await
+    }
+
+    /// A new user's session token and id.
+    async fn create_user_with_id(&self, admin: &str, username: &str, roles: &[&str]) -> (String, i64) {
+        let body = json!({"username": username, "password": "password1", "roles": roles});
+        let reply = self.call(Method::POST, "/api/v1/admin/users", Some(admin), Some(body)).await;
+        assert_eq!(reply.status, 201, "{}", reply.json);
+        let id = reply.json["id"].as_i64().unwrap();
+        (self.login(username, "password1").await, id)
     }
 
     async fn refresh_was_requested(&self) -> bool {
@@ -313,11 +325,27 @@ async fn roles_are_enforced_per_route() {
         (Method::GET, "/api/v1/buyer/keys", &admin, None),
         // The role check comes before the body is read.
         (Method::POST, "/api/v1/admin/users", &buyer, Some(json!({"bogus": true}))),
+        (Method::POST, "/api/v1/admin/users/1/credits", &buyer, Some(json!({"amount": 5}))),
+        (Method::POST, "/api/v1/admin/users/1/credits", &seller, Some(json!({"amount": 5}))),
+        (Method::PUT, "/api/v1/admin/users/1/settings", &buyer, Some(json!({"wallet_pays": false}))),
+        (Method::POST, "/api/v1/admin/requests/r1/refund", &seller, None),
+        (Method::PUT, "/api/v1/admin/prices/gpt-4o", &seller, Some(price_body())),
+        (Method::DELETE, "/api/v1/admin/prices/gpt-4o", &buyer, None),
+        (Method::GET, "/api/v1/admin/ledger/check", &buyer, None),
+        (Method::GET, "/api/v1/buyer/wallet", &seller, None),
+        (Method::PUT, "/api/v1/buyer/settings", &admin, Some(json!({"wallet_pays": false}))),
+        (Method::GET, "/api/v1/buyer/escrows", &seller, None),
+        (Method::POST, "/api/v1/buyer/escrows", &admin, Some(json!({"amount": 1}))),
+        (Method::POST, "/api/v1/buyer/escrows/1/release", &seller, None),
+        (Method::GET, "/api/v1/buyer/transactions", &seller, None),
+        (Method::GET, "/api/v1/seller/earnings", &buyer, None),
+        (Method::GET, "/api/v1/seller/transactions", &admin, None),
     ];
     for (method, path, token, body) in cases {
         assert_error(&api.call(method, path, Some(token), body).await, 403, "forbidden");
     }
     assert_error(&api.call(Method::GET, "/api/v1/seller/keys", None, None).await, 401, "unauthorized");
+    assert_error(&api.call(Method::GET, "/api/v1/prices", None, None).await, 401, "unauthorized");
     api.assert_no_secret_left_the_server();
 }
 
@@ -368,4 +396,526 @@ async fn malformed_requests_get_json_errors() {
     assert_error(&api.call(Method::GET, "/api/v1/nothing-here", Some(&admin), None).await, 404, "not_found");
     assert_error(&api.call(Method::PUT, "/api/v1/seller/keys", Some(&seller), None).await, 405, "method_not_allowed");
     api.assert_no_secret_left_the_server();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Credits, prices, escrows and earnings (docs/ledger.md)
+
+fn price_body() -> Value {
+    json!({"prompt_per_million": 2500, "completion_per_million": 10_000})
+}
+
+impl Api {
+    fn conn(&self) -> &sea_orm::DatabaseConnection {
+        &self.db.db
+    }
+
+    async fn grant(&self, admin: &str, user_id: i64, amount: i64) -> Reply {
+        let path = format!("/api/v1/admin/users/{user_id}/credits");
+        self.call(Method::POST, &path, Some(admin), Some(json!({"amount": amount}))).await
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Reply {
+        let reply = self.call(Method::GET, path, Some(token), None).await;
+        assert_eq!(reply.status, 200, "{}: {path}: {}", self.db.label, reply.json);
+        reply
+    }
+}
+
+/// A request the gateway served and settled: a hold on the buyer's wallet, the usage record and its
+/// settlement in one transaction (as the usage writer does), then the hold closed.
+async fn settle_request(api: &Api, buyer_id: i64, seller_id: i64, hosted_key_id: i64, request_id: &str, cost: i64) {
+    use crate::db::entities::usage_records;
+    use crate::db::ledger::{self as core, HoldSource, Settlement};
+    use sea_orm::{ActiveModelTrait, ActiveValue::Set};
+
+    let db = api.conn();
+    let now = crate::now_ms();
+    let wallet = core::wallet_account(db, buyer_id, now).await.unwrap();
+    let source = HoldSource { buyer_id, account_id: wallet, escrow_id: None };
+    let hold = core::open_hold(db, source, "test-node", cost, cost, now).await.unwrap().unwrap();
+    let txn = core::begin(db).await.unwrap();
+    usage_records::ActiveModel {
+        request_id: Set(request_id.to_string()),
+        buyer_id: Set(buyer_id),
+        buyer_key_id: Set(1),
+        hosted_key_id: Set(Some(hosted_key_id)),
+        model: Set("gpt-4o".to_string()),
+        endpoint: Set("chat".to_string()),
+        prompt_tokens: Set(10),
+        completion_tokens: Set(5),
+        estimated: Set(false),
+        status_code: Set(200),
+        attempts: Set(1),
+        latency_ms: Set(5),
+        ttft_ms: Set(None),
+        request_bytes: Set(100),
+        response_bytes: Set(100),
+        client_disconnected: Set(false),
+        error_kind: Set(None),
+        created_at_ms: Set(now),
+        cost_credits: Set(cost),
+        unpaid_credits: Set(0),
+        hold_id: Set(Some(hold.id)),
+        ..Default::default()
+    }
+    .insert(&txn)
+    .await
+    .unwrap();
+    let settlement = Settlement {
+        request_id: request_id.to_string(),
+        hold_id: hold.id,
+        hold_account_id: hold.account_id,
+        source_account_id: wallet,
+        cost,
+        seller_account_id: Some(core::wallet_account(&txn, seller_id, now).await.unwrap()),
+        revenue_account_id: core::revenue_account(&txn, now).await.unwrap(),
+        fee_bps: 500,
+    };
+    let settled = core::settle(&txn, &settlement, now).await.unwrap();
+    assert_eq!(settled.paid, cost);
+    txn.commit().await.unwrap();
+    core::close_hold(db, hold.id, now).await.unwrap();
+}
+
+async fn assert_ledger_ok(api: &Api, admin: &str) {
+    let check = api.get("/api/v1/admin/ledger/check", admin).await;
+    assert_eq!(check.json, json!({"ok": true, "violations": []}), "{}", api.db.label);
+}
+
+#[tokio::test]
+async fn admins_grant_credits_once_per_idempotency_key() {
+    for test_db in TestDb::all().await {
+        let api = Api::start_on(test_db).await;
+        let label = api.db.label;
+        let admin = api.login("admin", ADMIN_PASSWORD).await;
+        let (bob, bob_id) = api.create_user_with_id(&admin, "bob", &["buyer"]).await;
+        let path = format!("/api/v1/admin/users/{bob_id}/credits");
+
+        let first = api.grant(&admin, bob_id, 1000).await;
+        assert_eq!(first.status, 200, "{label}: {}", first.json);
+        assert_eq!(first.json["user_id"], bob_id);
+        assert_eq!((first.json["amount"].as_i64(), first.json["balance"].as_i64()), (Some(1000), Some(1000)));
+        assert_eq!(first.json["duplicate"], false);
+        assert!(first.json["entry_id"].as_i64().is_some());
+        assert!(api.refresh_was_requested().await);
+        // Without a key every grant is a new one.
+        assert_eq!(api.grant(&admin, bob_id, 1000).await.json["balance"], 2000);
+
+        let keyed = json!({"amount": 500, "memo": "welcome", "idempotency_key": "topup-1"});
+        let once = api.call(Method::POST, &path, Some(&admin), Some(keyed.clone())).await;
+        assert_eq!(
+            (once.status, once.json["balance"].as_i64(), once.json["duplicate"].clone()),
+            (200, Some(2500), json!(false))
+        );
+        assert!(api.refresh_was_requested().await);
+        let twice = api.call(Method::POST, &path, Some(&admin), Some(keyed)).await;
+        assert_eq!(
+            (twice.status, twice.json["balance"].as_i64(), twice.json["duplicate"].clone()),
+            (200, Some(2500), json!(true))
+        );
+        assert_eq!(twice.json["entry_id"], once.json["entry_id"]);
+        assert!(!api.refresh_was_requested().await, "{label}: a duplicate grant changes nothing");
+        let reused = json!({"amount": 501, "idempotency_key": "topup-1"});
+        assert_error(&api.call(Method::POST, &path, Some(&admin), Some(reused)).await, 409, "idempotency_key_reused");
+
+        // The Idempotency-Key header works like the body field.
+        let with_header = || {
+            api.client
+                .post(format!("{}{path}", api.base))
+                .bearer_auth(&admin)
+                .header("Idempotency-Key", "topup-2")
+                .json(&json!({"amount": 7}))
+        };
+        let h1 = api.send(with_header()).await;
+        let h2 = api.send(with_header()).await;
+        assert_eq!((h1.json["duplicate"].clone(), h1.json["balance"].as_i64()), (json!(false), Some(2507)), "{label}");
+        assert_eq!((h2.json["duplicate"].clone(), h2.json["balance"].as_i64()), (json!(true), Some(2507)), "{label}");
+        let both = api
+            .client
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(&admin)
+            .header("Idempotency-Key", "a")
+            .json(&json!({"amount": 7, "idempotency_key": "b"}));
+        assert_error(&api.send(both).await, 400, "invalid_request");
+
+        for amount in [json!(0), json!(-5), json!(2_000_000_000_000_000_i64), json!(1.5), json!("10")] {
+            let reply = api.call(Method::POST, &path, Some(&admin), Some(json!({"amount": amount}))).await;
+            assert_error(&reply, 400, "invalid_request");
+        }
+        let long_key = json!({"amount": 1, "idempotency_key": "k".repeat(81)});
+        assert_error(&api.call(Method::POST, &path, Some(&admin), Some(long_key)).await, 400, "invalid_request");
+        let unknown = json!({"amount": 1, "note": "x"});
+        assert_error(&api.call(Method::POST, &path, Some(&admin), Some(unknown)).await, 400, "invalid_request");
+        assert_error(&api.grant(&admin, 99_999, 5).await, 404, "not_found");
+
+        let wallet = api.get("/api/v1/buyer/wallet", &bob).await;
+        assert_eq!(wallet.json, json!({"balance": 2507, "held": 0, "escrowed": 0, "wallet_pays": true}), "{label}");
+        assert_ledger_ok(&api, &admin).await;
+        api.assert_no_secret_left_the_server();
+    }
+}
+
+#[tokio::test]
+async fn admins_set_and_delete_prices_that_everyone_can_read() {
+    let api = Api::start().await;
+    let admin = api.login("admin", ADMIN_PASSWORD).await;
+    let buyer = api.create_user(&admin, "buyer", &["buyer"]).await;
+    let seller = api.create_user(&admin, "seller", &["seller"]).await;
+
+    let set = api.call(Method::PUT, "/api/v1/admin/prices/gpt-4o", Some(&admin), Some(price_body())).await;
+    assert_eq!(set.status, 200, "{}", set.json);
+    let expected = json!({"model": "gpt-4o", "prompt_per_million": 2500, "completion_per_million": 10_000, "max_output_tokens": 4096});
+    assert_eq!(set.json, expected);
+    assert!(api.refresh_was_requested().await);
+
+    // Replacing a price; a model name with a slash, raw or percent-encoded.
+    let body = json!({"prompt_per_million": 0, "completion_per_million": 0, "max_output_tokens": 10_000_000});
+    let free = api.call(Method::PUT, "/api/v1/admin/prices/meta-llama/llama-3-70b", Some(&admin), Some(body)).await;
+    assert_eq!((free.status, free.json["model"].clone()), (200, json!("meta-llama/llama-3-70b")));
+    let body = json!({"prompt_per_million": 150, "completion_per_million": 600, "max_output_tokens": 16_000});
+    let encoded = api.call(Method::PUT, "/api/v1/admin/prices/org%2Fmodel", Some(&admin), Some(body.clone())).await;
+    assert_eq!((encoded.status, encoded.json["model"].clone()), (200, json!("org/model")));
+    let replaced = api.call(Method::PUT, "/api/v1/admin/prices/org/model", Some(&admin), Some(body)).await;
+    assert_eq!(replaced.json["max_output_tokens"], 16_000);
+
+    for token in [&buyer, &seller, &admin] {
+        let listed = api.get("/api/v1/prices", token).await;
+        let models: Vec<&str> = listed.json.as_array().unwrap().iter().map(|p| p["model"].as_str().unwrap()).collect();
+        assert_eq!(models, ["gpt-4o", "meta-llama/llama-3-70b", "org/model"]);
+        assert_eq!(listed.json[0], expected);
+    }
+
+    let long_model = format!("/api/v1/admin/prices/{}", "m".repeat(129));
+    let bad = [
+        ("/api/v1/admin/prices/gpt-4o", json!({"prompt_per_million": -1, "completion_per_million": 1})),
+        ("/api/v1/admin/prices/gpt-4o", json!({"prompt_per_million": 1, "completion_per_million": -1})),
+        (
+            "/api/v1/admin/prices/gpt-4o",
+            json!({"prompt_per_million": 1, "completion_per_million": 1, "max_output_tokens": 0}),
+        ),
+        (
+            "/api/v1/admin/prices/gpt-4o",
+            json!({"prompt_per_million": 1, "completion_per_million": 1, "max_output_tokens": 10_000_001}),
+        ),
+        ("/api/v1/admin/prices/gpt-4o", json!({"prompt_per_million": 1})),
+        (
+            "/api/v1/admin/prices/gpt-4o",
+            json!({"prompt_per_million": 1, "completion_per_million": 1, "currency": "usd"}),
+        ),
+        ("/api/v1/admin/prices/%20gpt", price_body()),
+        (long_model.as_str(), price_body()),
+    ];
+    for (path, body) in bad {
+        assert_error(&api.call(Method::PUT, path, Some(&admin), Some(body)).await, 400, "invalid_request");
+    }
+    assert_eq!(api.get("/api/v1/prices", &buyer).await.json[0], expected, "a refused change changes nothing");
+
+    let deleted = api.call(Method::DELETE, "/api/v1/admin/prices/meta-llama/llama-3-70b", Some(&admin), None).await;
+    assert_eq!(deleted.status, 204);
+    assert!(api.refresh_was_requested().await);
+    let again = api.call(Method::DELETE, "/api/v1/admin/prices/meta-llama/llama-3-70b", Some(&admin), None).await;
+    assert_error(&again, 404, "not_found");
+    assert_eq!(api.get("/api/v1/prices", &seller).await.json.as_array().unwrap().len(), 2);
+    api.assert_no_secret_left_the_server();
+}
+
+#[tokio::test]
+async fn buyers_fund_and_release_their_own_escrows() {
+    for test_db in TestDb::all().await {
+        let api = Api::start_on(test_db).await;
+        let label = api.db.label;
+        let admin = api.login("admin", ADMIN_PASSWORD).await;
+        let (bob, bob_id) = api.create_user_with_id(&admin, "bob", &["buyer"]).await;
+        let carol = api.create_user(&admin, "carol", &["buyer"]).await;
+        let seller = api.create_user(&admin, "seller", &["seller"]).await;
+        let key = api.call(Method::POST, "/api/v1/seller/keys", Some(&seller), Some(seller_key_body())).await;
+        let key_id = key.json["id"].as_i64().unwrap();
+        assert_eq!(api.grant(&admin, bob_id, 1000).await.status, 200);
+
+        let before = crate::now_ms();
+        let any = api.call(Method::POST, "/api/v1/buyer/escrows", Some(&bob), Some(json!({"amount": 300}))).await;
+        assert_eq!(any.status, 201, "{label}: {}", any.json);
+        assert!(api.refresh_was_requested().await);
+        let e = &any.json;
+        assert_eq!((e["amount"].as_i64(), e["balance"].as_i64(), e["held"].as_i64()), (Some(300), Some(300), Some(0)));
+        assert_eq!(
+            (e["status"].clone(), e["model"].clone(), e["hosted_key_id"].clone()),
+            (json!("active"), Value::Null, Value::Null)
+        );
+        let expires = e["expires_at_ms"].as_i64().unwrap();
+        assert!((before + 30 * 86_400_000..=crate::now_ms() + 30 * 86_400_000).contains(&expires), "{label}: {e}");
+        assert_eq!(e["closed_at_ms"], Value::Null);
+        let any_id = e["id"].as_i64().unwrap();
+
+        let pinned = json!({"amount": 200, "model": "gpt-4o", "hosted_key_id": key_id, "expires_in_days": 1});
+        let pinned = api.call(Method::POST, "/api/v1/buyer/escrows", Some(&bob), Some(pinned)).await;
+        assert_eq!(pinned.status, 201, "{label}: {}", pinned.json);
+        assert_eq!(
+            (pinned.json["model"].clone(), pinned.json["hosted_key_id"].as_i64()),
+            (json!("gpt-4o"), Some(key_id))
+        );
+
+        let wallet = api.get("/api/v1/buyer/wallet", &bob).await;
+        assert_eq!(wallet.json, json!({"balance": 500, "held": 0, "escrowed": 500, "wallet_pays": true}), "{label}");
+
+        let too_much = api.call(Method::POST, "/api/v1/buyer/escrows", Some(&bob), Some(json!({"amount": 501}))).await;
+        assert_error(&too_much, 409, "insufficient_funds");
+        let empty = api.call(Method::POST, "/api/v1/buyer/escrows", Some(&carol), Some(json!({"amount": 1}))).await;
+        assert_error(&empty, 409, "insufficient_funds");
+        for body in [
+            json!({"amount": 0}),
+            json!({"amount": -1}),
+            json!({"amount": 1, "expires_in_days": 0}),
+            json!({"amount": 1, "expires_in_days": 3651}),
+            json!({"amount": 1, "model": ""}),
+            json!({"amount": 1, "model": "m".repeat(129)}),
+            json!({"amount": 1, "pinned": true}),
+        ] {
+            let reply = api.call(Method::POST, "/api/v1/buyer/escrows", Some(&bob), Some(body.clone())).await;
+            assert_error(&reply, 400, "invalid_request");
+        }
+        for body in [
+            json!({"amount": 1, "hosted_key_id": 99_999}),
+            json!({"amount": 1, "hosted_key_id": key_id, "model": "claude-3"}),
+        ] {
+            let reply = api.call(Method::POST, "/api/v1/buyer/escrows", Some(&bob), Some(body)).await;
+            assert_error(&reply, 404, "not_found");
+        }
+
+        let listed = api.get("/api/v1/buyer/escrows", &bob).await;
+        let ids: Vec<i64> =
+            listed.json["escrows"].as_array().unwrap().iter().map(|e| e["id"].as_i64().unwrap()).collect();
+        assert_eq!(ids, [pinned.json["id"].as_i64().unwrap(), any_id], "{label}: newest first");
+        assert_eq!(api.get("/api/v1/buyer/escrows", &carol).await.json["escrows"], json!([]));
+
+        let release = format!("/api/v1/buyer/escrows/{any_id}/release");
+        assert_error(&api.call(Method::POST, &release, Some(&carol), None).await, 404, "not_found");
+        assert_error(
+            &api.call(Method::POST, "/api/v1/buyer/escrows/99999/release", Some(&bob), None).await,
+            404,
+            "not_found",
+        );
+        let released = api.call(Method::POST, &release, Some(&bob), None).await;
+        assert_eq!(released.status, 200, "{label}: {}", released.json);
+        assert!(api.refresh_was_requested().await);
+        assert_eq!((released.json["status"].clone(), released.json["balance"].as_i64()), (json!("released"), Some(0)));
+        assert!(released.json["closed_at_ms"].as_i64().is_some());
+        assert_error(&api.call(Method::POST, &release, Some(&bob), None).await, 409, "escrow_closed");
+
+        let wallet = api.get("/api/v1/buyer/wallet", &bob).await;
+        assert_eq!(
+            (wallet.json["balance"].as_i64(), wallet.json["escrowed"].as_i64()),
+            (Some(800), Some(200)),
+            "{label}"
+        );
+        assert_ledger_ok(&api, &admin).await;
+        api.assert_no_secret_left_the_server();
+    }
+}
+
+#[tokio::test]
+async fn wallet_pays_is_set_by_the_buyer_or_an_admin() {
+    let api = Api::start().await;
+    let admin = api.login("admin", ADMIN_PASSWORD).await;
+    let (bob, bob_id) = api.create_user_with_id(&admin, "bob", &["buyer"]).await;
+
+    let off = api.call(Method::PUT, "/api/v1/buyer/settings", Some(&bob), Some(json!({"wallet_pays": false}))).await;
+    assert_eq!((off.status, off.json.clone()), (200, json!({"user_id": bob_id, "wallet_pays": false})));
+    assert!(api.refresh_was_requested().await);
+    assert_eq!(api.get("/api/v1/buyer/wallet", &bob).await.json["wallet_pays"], false);
+
+    let path = format!("/api/v1/admin/users/{bob_id}/settings");
+    let on = api.call(Method::PUT, &path, Some(&admin), Some(json!({"wallet_pays": true}))).await;
+    assert_eq!((on.status, on.json.clone()), (200, json!({"user_id": bob_id, "wallet_pays": true})));
+    assert!(api.refresh_was_requested().await);
+    assert_eq!(api.get("/api/v1/buyer/wallet", &bob).await.json["wallet_pays"], true);
+
+    let missing =
+        api.call(Method::PUT, "/api/v1/admin/users/99999/settings", Some(&admin), Some(json!({"wallet_pays": true})));
+    assert_error(&missing.await, 404, "not_found");
+    for body in [json!({}), json!({"wallet_pays": "no"}), json!({"wallet_pays": true, "x": 1})] {
+        let reply = api.call(Method::PUT, "/api/v1/buyer/settings", Some(&bob), Some(body)).await;
+        assert_error(&reply, 400, "invalid_request");
+    }
+}
+
+#[tokio::test]
+async fn settled_requests_show_as_earnings_and_can_be_refunded() {
+    for test_db in TestDb::all().await {
+        let api = Api::start_on(test_db).await;
+        let label = api.db.label;
+        let admin = api.login("admin", ADMIN_PASSWORD).await;
+        let (bob, bob_id) = api.create_user_with_id(&admin, "bob", &["buyer"]).await;
+        // Also a buyer: it can move its earnings into an escrow, out of a refund's reach.
+        let (seller, seller_id) = api.create_user_with_id(&admin, "seller", &["seller", "buyer"]).await;
+        let (rival, _) = api.create_user_with_id(&admin, "rival", &["seller"]).await;
+        let main_key = api.call(Method::POST, "/api/v1/seller/keys", Some(&seller), Some(seller_key_body())).await;
+        let main_id = main_key.json["id"].as_i64().unwrap();
+        let mut spare = seller_key_body();
+        spare["name"] = json!("spare");
+        let spare_id = api.call(Method::POST, "/api/v1/seller/keys", Some(&seller), Some(spare)).await.json["id"]
+            .as_i64()
+            .unwrap();
+
+        let empty = api.get("/api/v1/seller/earnings", &seller).await;
+        assert_eq!(empty.json["earned_total"], 0, "{label}");
+        assert_eq!(empty.json["by_key"].as_array().unwrap().len(), 2);
+
+        assert_eq!(api.grant(&admin, bob_id, 10_000).await.status, 200);
+        settle_request(&api, bob_id, seller_id, main_id, "req-1", 100).await;
+        settle_request(&api, bob_id, seller_id, main_id, "req-2", 200).await;
+        settle_request(&api, bob_id, seller_id, main_id, "req-3", 1000).await;
+        // Seller shares after the 5 % fee: 95 + 190 + 950.
+        let earnings = api.get("/api/v1/seller/earnings", &seller).await;
+        assert_eq!(
+            earnings.json,
+            json!({
+                "balance": 1235,
+                "earned_total": 1235,
+                "by_key": [
+                    {"hosted_key_id": main_id, "name": "main", "requests": 3, "earned": 1235},
+                    {"hosted_key_id": spare_id, "name": "spare", "requests": 0, "earned": 0},
+                ]
+            }),
+            "{label}"
+        );
+        let rivals = api.get("/api/v1/seller/earnings", &rival).await;
+        assert_eq!(rivals.json, json!({"balance": 0, "earned_total": 0, "by_key": []}), "{label}");
+        assert_ledger_ok(&api, &admin).await;
+
+        let refunded = api
+            .call(
+                Method::POST,
+                "/api/v1/admin/requests/req-2/refund",
+                Some(&admin),
+                Some(json!({"memo": "bad answer"})),
+            )
+            .await;
+        assert_eq!(refunded.status, 200, "{label}: {}", refunded.json);
+        assert_eq!(refunded.json, json!({"request_id": "req-2", "refunded": 200, "duplicate": false}));
+        assert!(api.refresh_was_requested().await);
+        // A bare POST (no body) works too, and a second refund changes nothing.
+        let again = api.call(Method::POST, "/api/v1/admin/requests/req-2/refund", Some(&admin), None).await;
+        assert_eq!(again.json, json!({"request_id": "req-2", "refunded": 200, "duplicate": true}), "{label}");
+        assert_eq!(api.get("/api/v1/buyer/wallet", &bob).await.json["balance"], 10_000 - 1300 + 200, "{label}");
+        let earnings = api.get("/api/v1/seller/earnings", &seller).await;
+        assert_eq!(
+            (earnings.json["balance"].as_i64(), earnings.json["earned_total"].as_i64()),
+            (Some(1045), Some(1045))
+        );
+        assert_eq!(earnings.json["by_key"][0]["earned"], 1045, "{label}");
+
+        let unknown = api.call(Method::POST, "/api/v1/admin/requests/no-such-request/refund", Some(&admin), None).await;
+        assert_error(&unknown, 404, "not_found");
+        let unknown_field = json!({"memo": "x", "amount": 5});
+        let reply =
+            api.call(Method::POST, "/api/v1/admin/requests/req-1/refund", Some(&admin), Some(unknown_field)).await;
+        assert_error(&reply, 400, "invalid_request");
+
+        // The seller moves its earnings away: the wallet can no longer cover a reversal.
+        let escrow =
+            api.call(Method::POST, "/api/v1/buyer/escrows", Some(&seller), Some(json!({"amount": 1045}))).await;
+        assert_eq!(escrow.status, 201, "{label}: {}", escrow.json);
+        let uncovered = api.call(Method::POST, "/api/v1/admin/requests/req-3/refund", Some(&admin), None).await;
+        assert_error(&uncovered, 409, "insufficient_funds");
+        assert_eq!(api.get("/api/v1/buyer/wallet", &bob).await.json["balance"], 10_000 - 1300 + 200, "{label}");
+        assert_ledger_ok(&api, &admin).await;
+        api.assert_no_secret_left_the_server();
+    }
+}
+
+#[tokio::test]
+async fn transactions_are_paged_newest_first() {
+    for test_db in TestDb::all().await {
+        let api = Api::start_on(test_db).await;
+        let label = api.db.label;
+        let admin = api.login("admin", ADMIN_PASSWORD).await;
+        let (bob, bob_id) = api.create_user_with_id(&admin, "bob", &["buyer"]).await;
+        let (carol, _) = api.create_user_with_id(&admin, "carol", &["buyer"]).await;
+        let (seller, seller_id) = api.create_user_with_id(&admin, "seller", &["seller"]).await;
+        let key_id = api.call(Method::POST, "/api/v1/seller/keys", Some(&seller), Some(seller_key_body())).await.json
+            ["id"]
+            .as_i64()
+            .unwrap();
+        for amount in 1..=5 {
+            assert_eq!(api.grant(&admin, bob_id, amount * 100).await.status, 200);
+        }
+        // An escrow: two postings of bob's (wallet −, escrow +).
+        let escrow = api.call(Method::POST, "/api/v1/buyer/escrows", Some(&bob), Some(json!({"amount": 50}))).await;
+        assert_eq!(escrow.status, 201);
+
+        let mut seen = Vec::new();
+        let mut path = "/api/v1/buyer/transactions?limit=3".to_string();
+        loop {
+            let page = api.get(&path, &bob).await;
+            let data = page.json["data"].as_array().unwrap().clone();
+            assert!(data.len() <= 3);
+            seen.extend(data);
+            match page.json["next_before"].as_i64() {
+                Some(before) => path = format!("/api/v1/buyer/transactions?limit=3&before={before}"),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 7, "{label}: {seen:?}");
+        let ids: Vec<i64> = seen.iter().map(|p| p["posting_id"].as_i64().unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[0] > w[1]), "{label}: newest first, no repeats: {ids:?}");
+        let kinds: Vec<&str> = seen.iter().map(|p| p["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["escrow_fund", "escrow_fund", "grant", "grant", "grant", "grant", "grant"], "{label}");
+        assert_eq!((seen[2]["amount"].as_i64(), seen[2]["account_kind"].as_str()), (Some(500), Some("wallet")));
+
+        let exact = api.get("/api/v1/buyer/transactions?limit=7", &bob).await;
+        assert_eq!(exact.json["data"].as_array().unwrap().len(), 7);
+        assert_eq!(exact.json["next_before"], Value::Null, "{label}: no empty last page");
+        let default = api.get("/api/v1/buyer/transactions", &bob).await;
+        assert_eq!(default.json["data"].as_array().unwrap().len(), 7);
+        assert_eq!(api.get("/api/v1/buyer/transactions", &carol).await.json, json!({"data": [], "next_before": null}));
+
+        for query in ["limit=0", "limit=201", "limit=x", "before=0", "before=-3", "page=2"] {
+            let reply = api.call(Method::GET, &format!("/api/v1/buyer/transactions?{query}"), Some(&bob), None).await;
+            assert_error(&reply, 400, "invalid_request");
+        }
+
+        // A seller sees its wallet's postings only.
+        assert_eq!(
+            api.get("/api/v1/seller/transactions", &seller).await.json,
+            json!({"data": [], "next_before": null})
+        );
+        settle_request(&api, bob_id, seller_id, key_id, "req-1", 1000).await;
+        let sales = api.get("/api/v1/seller/transactions?limit=200", &seller).await;
+        let data = sales.json["data"].as_array().unwrap();
+        assert_eq!(data.len(), 1, "{label}: {data:?}");
+        assert_eq!((data[0]["kind"].as_str(), data[0]["amount"].as_i64()), (Some("settle"), Some(950)));
+        assert_eq!(data[0]["request_id"], "req-1");
+        assert_ledger_ok(&api, &admin).await;
+    }
+}
+
+#[tokio::test]
+async fn the_ledger_check_reports_violations() {
+    use sea_orm::ConnectionTrait;
+    let api = Api::start().await;
+    let admin = api.login("admin", ADMIN_PASSWORD).await;
+    let (_, bob_id) = api.create_user_with_id(&admin, "bob", &["buyer"]).await;
+    assert_eq!(api.grant(&admin, bob_id, 100).await.status, 200);
+    assert_ledger_ok(&api, &admin).await;
+    let db = api.conn();
+    let sql = "UPDATE accounts SET balance = balance + 1 WHERE kind = 'wallet'";
+    db.execute(sea_orm::Statement::from_string(db.get_database_backend(), sql)).await.unwrap();
+    let check = api.get("/api/v1/admin/ledger/check", &admin).await;
+    assert_eq!(check.json["ok"], false);
+    let rules: Vec<&str> =
+        check.json["violations"].as_array().unwrap().iter().map(|v| v["rule"].as_str().unwrap()).collect();
+    assert!(rules.contains(&"balance_matches_postings"), "{rules:?}");
+    assert!(check.json["violations"][0]["detail"].as_str().is_some());
+}
+
+#[tokio::test]
+async fn the_ledger_check_runs_on_mariadb() {
+    let api = Api::start_on(TestDb::mysql().await).await;
+    let admin = api.login("admin", ADMIN_PASSWORD).await;
+    let (_, bob_id) = api.create_user_with_id(&admin, "bob", &["buyer"]).await;
+    assert_eq!(api.grant(&admin, bob_id, 100).await.status, 200);
+    let check = api.get("/api/v1/admin/ledger/check", &admin).await;
+    assert_eq!(check.json, json!({"ok": true, "violations": []}));
 }

@@ -61,15 +61,24 @@ impl LedgerError {
 /// Deadlocks and lock timeouts (MySQL), and a stale SQLite read snapshot upgraded to a write.
 pub fn is_transient(e: &DbErr) -> bool {
     let text = e.to_string();
-    ["Deadlock found", "Lock wait timeout", "database is locked", "SQLITE_BUSY", "40001"].iter().any(|m| text.contains(m))
+    ["Deadlock found", "Lock wait timeout", "database is locked", "SQLITE_BUSY", "40001"]
+        .iter()
+        .any(|m| text.contains(m))
 }
 
 /// Starts a ledger transaction (READ COMMITTED on MySQL, see the module docs).
+///
+/// On SQLite the transaction takes the database's write lock with its first statement (a write that
+/// changes nothing), waiting for other writers through the busy timeout. A transaction that read first
+/// and wrote later would instead fail at once with "database is locked" when another writer committed in
+/// between (SQLite cannot upgrade a stale read snapshot), which under load exhausts any retry budget.
 pub async fn begin(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
     if db.get_database_backend() == DbBackend::MySql {
         db.begin_with_config(Some(IsolationLevel::ReadCommitted), Some(AccessMode::ReadWrite)).await
     } else {
-        db.begin().await
+        let txn = db.begin().await?;
+        txn.execute_unprepared("UPDATE accounts SET balance = balance WHERE 0 = 1").await?;
+        Ok(txn)
     }
 }
 
@@ -89,7 +98,10 @@ macro_rules! in_txn {
             match result {
                 Err(e) if e.is_transient() && attempt < 8 => {
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(5 << attempt.min(6))).await;
+                    // Jittered, so that transactions that collided do not collide again.
+                    let base = 5u64 << attempt.min(6);
+                    let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=base);
+                    tokio::time::sleep(Duration::from_millis(base + jitter)).await;
                 }
                 other => break other,
             }
@@ -162,6 +174,18 @@ pub async fn balance(c: &impl ConnectionTrait, account_id: i64) -> Result<i64, D
         .ok_or_else(|| DbErr::RecordNotFound(format!("account {account_id}")))
 }
 
+/// The balance, with the account's row locked until the transaction ends (MySQL; SQLite transactions
+/// that write are serialised anyway): an amount computed from it cannot be invalidated by a concurrent
+/// writer before it is posted.
+async fn balance_for_update(txn: &DatabaseTransaction, account_id: i64) -> Result<i64, DbErr> {
+    accounts::Entity::update_many()
+        .col_expr(accounts::Column::UpdatedAtMs, Expr::col(accounts::Column::UpdatedAtMs).into())
+        .filter(accounts::Column::Id.eq(account_id))
+        .exec(txn)
+        .await?;
+    balance(txn, account_id).await
+}
+
 /// The wallet balance, 0 for a user who never had one.
 pub async fn wallet_balance(c: &impl ConnectionTrait, user_id: i64) -> Result<i64, DbErr> {
     match find_account(c, WALLET, user_id, 0).await? {
@@ -178,7 +202,7 @@ pub struct NewEntry {
     pub request_id: Option<String>,
     pub actor_id: Option<i64>,
     pub memo: Option<String>,
-    /// (account, signed amount); zero amounts are dropped, amounts on one account are merged.
+    /// (account, signed amount); zero amounts are dropped.
     pub postings: Vec<(i64, i64)>,
 }
 
@@ -192,14 +216,11 @@ pub enum Posted {
 /// Posts an entry inside the caller's transaction. Fails with `InsufficientFunds` (and the caller must
 /// roll back) when a debit would take an account below zero.
 pub async fn post(txn: &DatabaseTransaction, entry: NewEntry, now_ms: i64) -> Result<Posted, LedgerError> {
-    let mut merged: BTreeMap<i64, i64> = BTreeMap::new();
-    let mut sum: i128 = 0;
-    for &(account, amount) in &entry.postings {
-        sum += i128::from(amount);
-        let slot = merged.entry(account).or_insert(0);
-        *slot = slot.checked_add(amount).ok_or_else(|| LedgerError::Invalid("amount out of range".into()))?;
-    }
-    merged.retain(|_, amount| *amount != 0);
+    let sum: i128 = entry.postings.iter().map(|&(_, amount)| i128::from(amount)).sum();
+    // Postings are kept as given (a buyer paid by their own key shows the debit and the credit), ordered
+    // by account so that rows are locked in ascending id order, credits before debits on one account.
+    let mut ordered: Vec<(i64, i64)> = entry.postings.iter().copied().filter(|&(_, amount)| amount != 0).collect();
+    ordered.sort_by_key(|&(account, amount)| (account, std::cmp::Reverse(amount)));
     if sum != 0 {
         return Err(LedgerError::Invalid(format!("entry {} does not balance ({sum})", entry.idempotency_key)));
     }
@@ -225,12 +246,11 @@ pub async fn post(txn: &DatabaseTransaction, entry: NewEntry, now_ms: i64) -> Re
             None => return Err(e.into()),
         },
     };
-    // BTreeMap: accounts are locked in ascending id order.
-    for (&account, &amount) in &merged {
+    for &(account, amount) in &ordered {
         apply(txn, account, amount, now_ms).await?;
     }
-    if !merged.is_empty() {
-        let rows = merged.iter().map(|(&account_id, &amount)| postings::ActiveModel {
+    if !ordered.is_empty() {
+        let rows = ordered.iter().map(|&(account_id, amount)| postings::ActiveModel {
             entry_id: Set(entry_id),
             account_id: Set(account_id),
             amount: Set(amount),
@@ -391,7 +411,7 @@ pub async fn close_escrow(
         if escrow.status != ESCROW_ACTIVE && escrow.status != ESCROW_EXHAUSTED {
             return Err(LedgerError::Conflict(format!("the escrow is already {}", escrow.status)));
         }
-        let rest = balance(&txn, escrow.account_id).await?;
+        let rest = balance_for_update(&txn, escrow.account_id).await?;
         let wallet = wallet_account(&txn, escrow.buyer_id, now_ms).await?;
         post(
             &txn,
@@ -440,12 +460,20 @@ pub async fn find_escrow(c: &impl ConnectionTrait, escrow_id: i64) -> Result<Opt
 }
 
 pub async fn list_escrows(c: &impl ConnectionTrait, buyer_id: i64) -> Result<Vec<escrows::Model>, DbErr> {
-    escrows::Entity::find().filter(escrows::Column::BuyerId.eq(buyer_id)).order_by_desc(escrows::Column::Id).all(c).await
+    escrows::Entity::find()
+        .filter(escrows::Column::BuyerId.eq(buyer_id))
+        .order_by_desc(escrows::Column::Id)
+        .all(c)
+        .await
 }
 
 /// Every escrow that can still pay (for the gateway's snapshot).
 pub async fn list_active_escrows(c: &impl ConnectionTrait) -> Result<Vec<escrows::Model>, DbErr> {
-    escrows::Entity::find().filter(escrows::Column::Status.eq(ESCROW_ACTIVE)).order_by_asc(escrows::Column::Id).all(c).await
+    escrows::Entity::find()
+        .filter(escrows::Column::Status.eq(ESCROW_ACTIVE))
+        .order_by_asc(escrows::Column::Id)
+        .all(c)
+        .await
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -487,7 +515,7 @@ pub async fn open_hold(
         if !source_usable(&txn, &source, now_ms).await? {
             return Ok(None);
         }
-        let available = balance(&txn, source.account_id).await?;
+        let available = balance_for_update(&txn, source.account_id).await?;
         let amount = available.min(max);
         if amount < min {
             return Ok(None);
@@ -543,7 +571,8 @@ pub async fn extend_hold(
     }
     in_txn!(db, |txn| async {
         let hold = holds::Entity::find_by_id(hold_id).one(&txn).await?.ok_or(LedgerError::NotFound("hold"))?;
-        let source = HoldSource { buyer_id: hold.buyer_id, account_id: hold.source_account_id, escrow_id: hold.escrow_id };
+        let source =
+            HoldSource { buyer_id: hold.buyer_id, account_id: hold.source_account_id, escrow_id: hold.escrow_id };
         if !source_usable(&txn, &source, now_ms).await? {
             return Ok(0);
         }
@@ -557,7 +586,7 @@ pub async fn extend_hold(
         if locked.rows_affected != 1 {
             return Ok(0);
         }
-        let available = balance(&txn, hold.source_account_id).await?;
+        let available = balance_for_update(&txn, hold.source_account_id).await?;
         let amount = available.min(max);
         if amount < min {
             return Ok(0);
@@ -609,7 +638,7 @@ pub async fn close_hold(db: &DatabaseConnection, hold_id: i64, now_ms: i64) -> R
         if closed.rows_affected != 1 {
             return Ok(0);
         }
-        let rest = balance(&txn, hold.account_id).await?;
+        let rest = balance_for_update(&txn, hold.account_id).await?;
         let escrow_pays = escrow.as_ref().is_some_and(|e| e.status == ESCROW_ACTIVE && e.expires_at_ms > now_ms);
         let target = match &escrow {
             Some(_) if escrow_pays => hold.source_account_id,
@@ -764,9 +793,20 @@ pub async fn settle(txn: &DatabaseTransaction, s: &Settlement, now_ms: i64) -> R
     if find_entry(txn, &key).await?.is_some() {
         return Ok(Settled { duplicate: true, ..Settled::default() });
     }
-    let in_hold = balance(txn, s.hold_account_id).await?;
+    // The hold row first, as `close_hold` and `extend_hold` lock it before the hold's account.
+    holds::Entity::update_many()
+        .col_expr(holds::Column::RenewedAtMs, Expr::value(now_ms))
+        .filter(holds::Column::Id.eq(s.hold_id))
+        .exec(txn)
+        .await?;
+    let in_hold = balance_for_update(txn, s.hold_account_id).await?;
     let from_hold = s.cost.min(in_hold.max(0));
-    let from_source = (s.cost - from_hold).min(balance(txn, s.source_account_id).await?.max(0));
+    // Only an overrun (a provider that ignored max_tokens) takes from the source.
+    let from_source = if from_hold < s.cost {
+        (s.cost - from_hold).min(balance_for_update(txn, s.source_account_id).await?.max(0))
+    } else {
+        0
+    };
     let paid = from_hold + from_source;
     let (seller, platform) = split(paid, s.fee_bps, s.seller_account_id.is_some());
     let mut entry_postings = vec![(s.hold_account_id, -from_hold), (s.source_account_id, -from_source)];
@@ -790,6 +830,16 @@ pub async fn settle(txn: &DatabaseTransaction, s: &Settlement, now_ms: i64) -> R
     if let Posted::Already(_) = posted {
         return Ok(Settled { duplicate: true, ..Settled::default() });
     }
+    if from_source > 0 {
+        // The overrun may have emptied an escrow whose holds are all closed.
+        let escrow_id = holds::Entity::find_by_id(s.hold_id).one(txn).await?.and_then(|h| h.escrow_id);
+        if let Some(escrow) = match escrow_id {
+            Some(id) => escrows::Entity::find_by_id(id).one(txn).await?,
+            None => None,
+        } {
+            mark_exhausted_if_empty(txn, &escrow, now_ms).await?;
+        }
+    }
     holds::Entity::update_many()
         .col_expr(holds::Column::Spent, Expr::col(holds::Column::Spent).add(from_hold))
         .col_expr(holds::Column::RenewedAtMs, Expr::value(now_ms))
@@ -810,7 +860,8 @@ pub async fn refund_request(
     now_ms: i64,
 ) -> Result<(Posted, i64), LedgerError> {
     in_txn!(db, |txn| async {
-        let settle_id = find_entry(&txn, &format!("settle:{request_id}")).await?.ok_or(LedgerError::NotFound("settled request"))?;
+        let settle_id =
+            find_entry(&txn, &format!("settle:{request_id}")).await?.ok_or(LedgerError::NotFound("settled request"))?;
         let rows = postings::Entity::find().filter(postings::Column::EntryId.eq(settle_id)).all(&txn).await?;
         let wallet = wallet_account(&txn, buyer_id, now_ms).await?;
         let mut reversal = Vec::new();
@@ -840,6 +891,56 @@ pub async fn refund_request(
 // ---------------------------------------------------------------------------------------------------------
 // Reading
 
+/// An active escrow with its balance, for the gateway's snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, sea_orm::FromQueryResult)]
+pub struct EscrowBalance {
+    pub id: i64,
+    pub buyer_id: i64,
+    pub account_id: i64,
+    pub model: Option<String>,
+    pub hosted_key_id: Option<i64>,
+    pub expires_at_ms: i64,
+    pub balance: i64,
+}
+
+/// Everything the gateway needs to know who can pay: (user, wallet_pays) for every user, (owner, account,
+/// balance) for every wallet, and the active escrows with their balances.
+pub struct FundingRows {
+    pub wallet_pays: Vec<(i64, bool)>,
+    pub wallets: Vec<(i64, i64, i64)>,
+    pub escrows: Vec<EscrowBalance>,
+}
+
+pub async fn funding_rows(c: &impl ConnectionTrait) -> Result<FundingRows, DbErr> {
+    use super::entities::users;
+    let wallet_pays = users::Entity::find()
+        .select_only()
+        .column(users::Column::Id)
+        .column(users::Column::WalletPays)
+        .into_tuple::<(i64, bool)>()
+        .all(c)
+        .await?;
+    let wallets = accounts::Entity::find()
+        .select_only()
+        .column(accounts::Column::OwnerId)
+        .column(accounts::Column::Id)
+        .column(accounts::Column::Balance)
+        .filter(accounts::Column::Kind.eq(WALLET))
+        .into_tuple::<(i64, i64, i64)>()
+        .all(c)
+        .await?;
+    let escrows = EscrowBalance::find_by_statement(Statement::from_string(
+        c.get_database_backend(),
+        "SELECT e.id AS id, e.buyer_id AS buyer_id, e.account_id AS account_id, e.model AS model, \
+         e.hosted_key_id AS hosted_key_id, e.expires_at_ms AS expires_at_ms, a.balance AS balance \
+         FROM escrows e JOIN accounts a ON a.id = e.account_id WHERE e.status = 'active' \
+         ORDER BY e.expires_at_ms, e.id",
+    ))
+    .all(c)
+    .await?;
+    Ok(FundingRows { wallet_pays, wallets, escrows })
+}
+
 /// One posting with its entry, for transaction listings.
 #[derive(Clone, Debug, PartialEq, Eq, sea_orm::FromQueryResult, serde::Serialize)]
 pub struct PostingView {
@@ -854,27 +955,36 @@ pub struct PostingView {
     pub created_at_ms: i64,
 }
 
-/// The postings on the given accounts, newest first, `limit` after the posting id `before` (keyset
-/// pagination: stable while new postings arrive).
+/// The postings on the user's accounts of the given kinds, newest first, `limit` after the posting id
+/// `before` (keyset pagination: stable while new postings arrive).
 pub async fn postings_of(
     c: &impl ConnectionTrait,
-    account_ids: &[i64],
+    owner_id: i64,
+    kinds: &[&str],
     before: Option<i64>,
     limit: u64,
 ) -> Result<Vec<PostingView>, DbErr> {
-    if account_ids.is_empty() {
+    if kinds.is_empty() {
         return Ok(Vec::new());
     }
-    let ids = account_ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-    let before = before.map(|b| format!("AND p.id < {b}")).unwrap_or_default();
+    let placeholders = vec!["?"; kinds.len()].join(",");
+    let mut values: Vec<sea_orm::Value> = vec![owner_id.into()];
+    values.extend(kinds.iter().map(|k| sea_orm::Value::from(k.to_string())));
+    let before = match before {
+        Some(b) => {
+            values.push(b.into());
+            "AND p.id < ?"
+        }
+        None => "",
+    };
     let sql = format!(
         "SELECT p.id AS posting_id, e.id AS entry_id, e.kind AS kind, e.request_id AS request_id, e.memo AS memo, \
          p.account_id AS account_id, a.kind AS account_kind, p.amount AS amount, p.created_at_ms AS created_at_ms \
-         FROM postings p JOIN journal_entries e ON e.id = p.entry_id JOIN accounts a ON a.id = p.account_id \
-         WHERE p.account_id IN ({ids}) {before} ORDER BY p.id DESC LIMIT {}",
+         FROM accounts a JOIN postings p ON p.account_id = a.id JOIN journal_entries e ON e.id = p.entry_id \
+         WHERE a.owner_id = ? AND a.kind IN ({placeholders}) {before} ORDER BY p.id DESC LIMIT {}",
         limit.min(1000)
     );
-    PostingView::find_by_statement(Statement::from_string(c.get_database_backend(), sql)).all(c).await
+    PostingView::find_by_statement(Statement::from_sql_and_values(c.get_database_backend(), sql, values)).all(c).await
 }
 
 /// The accounts a user owns (wallet, escrows, holds).
@@ -908,10 +1018,19 @@ pub struct Violation {
 /// of life for longer than `max_hold_idle_ms`.
 pub async fn check(c: &impl ConnectionTrait, now_ms: i64, max_hold_idle_ms: i64) -> Result<Vec<Violation>, DbErr> {
     let backend = c.get_database_backend();
-    let rows = |sql: &str| Row2::find_by_statement(Statement::from_string(backend, sql.to_string())).all(c);
+    // MySQL returns SUM() as DECIMAL: cast both columns back to integers there.
+    let rows = |sql: &str| {
+        let sql = match backend {
+            DbBackend::MySql => format!("SELECT CAST(q.a AS SIGNED) AS a, CAST(q.b AS SIGNED) AS b FROM ({sql}) q"),
+            _ => sql.to_string(),
+        };
+        Row2::find_by_statement(Statement::from_string(backend, sql)).all(c)
+    };
     let mut found = Vec::new();
 
-    for r in rows("SELECT entry_id AS a, SUM(amount) AS b FROM postings GROUP BY entry_id HAVING SUM(amount) <> 0").await? {
+    for r in
+        rows("SELECT entry_id AS a, SUM(amount) AS b FROM postings GROUP BY entry_id HAVING SUM(amount) <> 0").await?
+    {
         found.push(Violation { rule: "entry_balances", detail: format!("entry {} sums to {}", r.a, r.b.unwrap_or(0)) });
     }
     for r in rows(
@@ -934,12 +1053,29 @@ pub async fn check(c: &impl ConnectionTrait, now_ms: i64, max_hold_idle_ms: i64)
         });
     }
     for r in rows("SELECT id AS a, balance AS b FROM accounts WHERE balance < 0 AND kind <> 'external'").await? {
-        found.push(Violation { rule: "balance_non_negative", detail: format!("account {} is at {}", r.a, r.b.unwrap_or(0)) });
+        found.push(Violation {
+            rule: "balance_non_negative",
+            detail: format!("account {} is at {}", r.a, r.b.unwrap_or(0)),
+        });
     }
     for r in rows("SELECT COUNT(*) AS a, SUM(balance) AS b FROM accounts").await? {
         if r.b.unwrap_or(0) != 0 {
-            found.push(Violation { rule: "ledger_sums_to_zero", detail: format!("all balances sum to {}", r.b.unwrap_or(0)) });
+            found.push(Violation {
+                rule: "ledger_sums_to_zero",
+                detail: format!("all balances sum to {}", r.b.unwrap_or(0)),
+            });
         }
+    }
+    for r in rows(
+        "SELECT u.id AS a, u.cost_credits AS b FROM usage_records u WHERE u.cost_credits > 0 AND NOT EXISTS \
+         (SELECT 1 FROM journal_entries e WHERE e.request_id = u.request_id AND e.kind = 'settle')",
+    )
+    .await?
+    {
+        found.push(Violation {
+            rule: "usage_settled",
+            detail: format!("usage record {} costs {} and has no settlement", r.a, r.b.unwrap_or(0)),
+        });
     }
     for r in rows(
         "SELECT COUNT(*) AS a, MIN(e.id) AS b FROM journal_entries e WHERE e.kind = 'settle' GROUP BY e.request_id HAVING COUNT(*) > 1",
@@ -967,7 +1103,10 @@ pub async fn check(c: &impl ConnectionTrait, now_ms: i64, max_hold_idle_ms: i64)
     for hold in stale {
         found.push(Violation {
             rule: "no_stale_hold",
-            detail: format!("hold {} (node {}) open without renewal since {}", hold.id, hold.node_id, hold.renewed_at_ms),
+            detail: format!(
+                "hold {} (node {}) open without renewal since {}",
+                hold.id, hold.node_id, hold.renewed_at_ms
+            ),
         });
     }
     for r in rows(
@@ -988,3 +1127,7 @@ pub async fn check(c: &impl ConnectionTrait, now_ms: i64, max_hold_idle_ms: i64)
     }
     Ok(found)
 }
+
+#[cfg(test)]
+#[path = "ledger_tests.rs"]
+mod tests;

@@ -3,6 +3,7 @@
 
 pub mod buyer_keys;
 pub mod entities;
+pub mod funds;
 pub mod hosted_keys;
 pub mod ledger;
 pub mod prices;

@@ -28,6 +28,11 @@ impl Endpoint {
         }
     }
 
+    /// Whether the response has completion tokens (embeddings have none).
+    pub fn has_completion(self) -> bool {
+        matches!(self, Self::ChatCompletions)
+    }
+
     /// The name used in usage records and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -10,6 +10,7 @@ use http::HeaderValue;
 use sea_orm::{DatabaseConnection, DbErr};
 
 use super::{BuyerKey, ModelRoute, PoolSnapshot, SellerKey, StatusCounts, Upstream};
+use crate::billing::{BuyerFunds, EscrowFunds, Price};
 use crate::crypto::Keyring;
 use crate::db::entities::{buyer_keys, hosted_keys};
 
@@ -110,7 +111,47 @@ pub async fn load_snapshot(
         .map(|u| (u.host, u.port))
         .collect();
     let resolved = resolver.resolve_all(wanted).await;
-    Ok(build_snapshot(hosted, buyers, keyring, &resolved, now))
+    let prices = crate::db::prices::list(db).await?;
+    let funding = crate::db::ledger::funding_rows(db).await?;
+    let (mut snapshot, report) = build_snapshot(hosted, buyers, keyring, &resolved, now);
+    snapshot.prices = build_prices(prices);
+    snapshot.funds = build_funds(funding);
+    Ok((snapshot, report))
+}
+
+fn build_prices(rows: Vec<crate::db::prices::Model>) -> HashMap<String, Price> {
+    rows.into_iter()
+        .map(|row| {
+            let price = Price {
+                prompt_per_million: u64::try_from(row.prompt_per_million).unwrap_or(0),
+                completion_per_million: u64::try_from(row.completion_per_million).unwrap_or(0),
+                max_output_tokens: u64::try_from(row.max_output_tokens).unwrap_or(0),
+            };
+            (row.model, price)
+        })
+        .collect()
+}
+
+fn build_funds(rows: crate::db::ledger::FundingRows) -> HashMap<i64, BuyerFunds> {
+    let mut funds: HashMap<i64, BuyerFunds> = HashMap::with_capacity(rows.wallet_pays.len());
+    for (user_id, wallet_pays) in rows.wallet_pays {
+        funds.entry(user_id).or_default().wallet_pays = wallet_pays;
+    }
+    for (owner_id, account_id, balance) in rows.wallets {
+        funds.entry(owner_id).or_default().wallet = Some((account_id, balance));
+    }
+    // Rows come soonest expiry first.
+    for e in rows.escrows {
+        funds.entry(e.buyer_id).or_default().escrows.push(EscrowFunds {
+            escrow_id: e.id,
+            account_id: e.account_id,
+            balance: e.balance,
+            model: e.model,
+            hosted_key_id: e.hosted_key_id,
+            expires_at_ms: e.expires_at_ms,
+        });
+    }
+    funds
 }
 
 /// Builds a snapshot from rows and already-resolved addresses. Pure apart from decryption, so it is
@@ -177,7 +218,15 @@ pub fn build_snapshot(
         .collect();
 
     let routes = by_model.into_iter().map(|(model, keys)| (model, ModelRoute::new(keys))).collect();
-    let snapshot = PoolSnapshot { buyers, routes, known_models, status_counts: counts, loaded_at_ms: now_ms };
+    let snapshot = PoolSnapshot {
+        buyers,
+        routes,
+        known_models,
+        status_counts: counts,
+        prices: HashMap::new(),
+        funds: HashMap::new(),
+        loaded_at_ms: now_ms,
+    };
     (snapshot, report)
 }
 
@@ -209,6 +258,7 @@ fn routable_key(
         // Weight grows linearly with the remaining balance; a key with nothing left still gets a minimal share
         // until risk control marks it depleted.
         weight: u64::try_from(row.remaining_balance).unwrap_or(0).max(1),
+        platform: row.pool == "platform",
     })
 }
 

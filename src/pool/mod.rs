@@ -136,6 +136,8 @@ pub struct SellerKey {
     /// `Bearer <seller key>`, marked sensitive so that it is never printed by `Debug`.
     pub authorization: HeaderValue,
     pub weight: u64,
+    /// A platform key: the platform earns the whole price of what it serves.
+    pub platform: bool,
 }
 
 impl std::fmt::Debug for SellerKey {
@@ -179,6 +181,11 @@ impl ModelRoute {
 
     pub fn keys(&self) -> &[Arc<SellerKey>] {
         &self.keys
+    }
+
+    /// The key with this id, if it serves this model.
+    pub fn get(&self, key_id: i64) -> Option<Arc<SellerKey>> {
+        self.keys.iter().find(|k| k.id == key_id).cloned()
     }
 
     /// Picks a key with probability proportional to its weight, skipping keys already tried in this request.
@@ -227,6 +234,10 @@ pub struct PoolSnapshot {
     /// "no key can serve it now" (503).
     pub known_models: HashSet<String>,
     pub status_counts: StatusCounts,
+    /// Prices per model; a model without one is not served.
+    pub prices: HashMap<String, crate::billing::Price>,
+    /// What each buyer (user id) can pay from.
+    pub funds: HashMap<i64, crate::billing::BuyerFunds>,
     pub loaded_at_ms: i64,
 }
 
@@ -256,12 +267,16 @@ impl PoolSnapshot {
         self.routes.get(model).filter(|r| !r.is_empty())
     }
 
+    pub fn price(&self, model: &str) -> Option<&crate::billing::Price> {
+        self.prices.get(model)
+    }
+
     /// Models the buyer may call and the pool can serve now, sorted.
     pub fn servable_models(&self, buyer: &BuyerKey) -> Vec<&str> {
         let mut models: Vec<&str> = self
             .routes
             .iter()
-            .filter(|(model, route)| !route.is_empty() && buyer.allows(model))
+            .filter(|(model, route)| !route.is_empty() && buyer.allows(model) && self.prices.contains_key(*model))
             .map(|(model, _)| model.as_str())
             .collect();
         models.sort_unstable();
@@ -288,6 +303,7 @@ mod tests {
             },
             authorization: HeaderValue::from_static("Bearer x"),
             weight,
+            platform: false,
         })
     }
 

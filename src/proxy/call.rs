@@ -15,10 +15,11 @@ use super::attempt::{metered_tokens, Attempt, CallPlan, Failure};
 use super::error::GatewayError;
 use super::route::{classify, Route};
 use super::Gateway;
+use crate::billing::FundsError;
 use crate::metrics::METRICS;
 use crate::openai::request::{inspect, Endpoint};
 use crate::pool::{AuthError, BuyerKey, PoolSnapshot};
-use crate::usage::UsageRecord;
+use crate::usage::{UsagePermit, UsageRecord};
 
 /// How long the main request waits for a finished attempt's last hook before reading its outcome.
 const ATTEMPT_SETTLE_LIMIT: Duration = Duration::from_secs(5);
@@ -101,6 +102,7 @@ async fn call(
         error_kind: None,
         created_at_ms: crate::now_ms(),
         key_attempts: Vec::new(),
+        charge: None,
     };
 
     let body = match read_body(session, gateway.settings.max_body_bytes).await {
@@ -113,7 +115,7 @@ async fn call(
             record.client_disconnected = true;
             record.status_code = 499;
             record.error_kind = Some("client_closed");
-            finish_record(gateway, record, started, "-");
+            finish_record(gateway, record, started, "-", None);
             return Err(e);
         }
     };
@@ -139,7 +141,40 @@ async fn call(
         };
         return finish_rejected(gateway, session, record, &e, started).await;
     };
+    let Some(price) = snapshot.price(&request.model).copied() else {
+        let e = GatewayError::NotPriced { model: request.model.clone() };
+        return finish_rejected(gateway, session, record, &e, started).await;
+    };
     let model_label = request.model.clone();
+
+    // Payment: a queue slot for the record (so it cannot be dropped), then the worst case reserved.
+    let Some(permit) = gateway.usage.reserve() else {
+        tracing::error!("the usage queue is full; refusing paid requests until it drains");
+        return finish_rejected(gateway, session, record, &GatewayError::BillingUnavailable, started).await;
+    };
+    let worst = price.worst_case(request.body.len(), request.max_tokens, endpoint.has_completion());
+    let candidates = snapshot
+        .funds
+        .get(&buyer.user_id)
+        .map(|f| f.candidates(buyer.user_id, &request.model, record.created_at_ms, |k| route.get(k).is_some()))
+        .unwrap_or_default();
+    let reservation = match gateway.funds.reserve(&candidates, worst, snapshot.loaded_at_ms).await {
+        Ok(r) => r,
+        Err(e) => {
+            let e = match e {
+                FundsError::Insufficient => {
+                    METRICS.insufficient_funds.inc();
+                    GatewayError::InsufficientFunds { needed: worst, model: request.model }
+                }
+                FundsError::Unavailable(reason) => {
+                    tracing::error!(error = %reason, "cannot open a hold");
+                    GatewayError::BillingUnavailable
+                }
+            };
+            drop(permit);
+            return finish_rejected(gateway, session, record, &e, started).await;
+        }
+    };
 
     let plan = Arc::new(CallPlan {
         request_id,
@@ -156,7 +191,13 @@ async fn call(
     let mut last_failure: Option<Failure> = None;
     let mut served: Option<(Arc<Attempt>, AttemptRun)> = None;
     while tried.len() < gateway.settings.max_attempts {
-        let Some(key) = route.pick(&mut rand::thread_rng(), &tried) else { break };
+        // An escrow pinned to a key pays for that key only.
+        let key = match reservation.pinned_key {
+            Some(pinned) if tried.is_empty() => route.get(pinned),
+            Some(_) => None,
+            None => route.pick(&mut rand::thread_rng(), &tried),
+        };
+        let Some(key) = key else { break };
         tried.push(key.id);
         let attempt = Attempt::new(key.clone(), plan.clone());
         let run = run_attempt(session, &attempt).await;
@@ -187,10 +228,12 @@ async fn call(
     record.attempts = tried.len() as u32;
 
     let Some((attempt, run)) = served else {
+        // Nothing was delivered: the reservation goes back unspent.
+        drop(reservation);
         if record.client_disconnected {
             record.status_code = 499;
             record.error_kind = Some("client_closed");
-            finish_record(gateway, record, started, &model_label);
+            finish_record(gateway, record, started, &model_label, Some(permit));
             return Err(Error::explain(ErrorType::ConnectionClosed, "client went away during failover"));
         }
         let e = match last_failure {
@@ -237,10 +280,16 @@ async fn call(
     record.prompt_tokens = prompt;
     record.completion_tokens = completion;
     record.estimated = estimated;
+    // A response the upstream broke off before any completion token delivered nothing: it costs nothing.
+    // (A buyer who hangs up pays for what was delivered up to then, prompt included.)
+    let delivered_nothing = record.error_kind == Some("upstream_interrupted") && completion == 0;
+    let cost = if metered && !delivered_nothing { price.cost(prompt, completion) } else { 0 };
+    let seller = if attempt.key.platform { None } else { Some(attempt.key.owner_id) };
+    record.charge = Some(reservation.finish(cost, seller));
     METRICS.tokens.with_label_values(&[&model_label, "prompt"]).inc_by(prompt);
     METRICS.tokens.with_label_values(&[&model_label, "completion"]).inc_by(completion);
     METRICS.upstream_latency.with_label_values(&[&model_label]).observe(started.elapsed().as_secs_f64());
-    finish_record(gateway, record, started, &model_label);
+    finish_record(gateway, record, started, &model_label, Some(permit));
 
     match run.error {
         // The response was cut: close the connection so the client sees it was incomplete.
@@ -340,14 +389,24 @@ async fn finish_rejected(
         _ => "-".to_string(),
     };
     let request_id = record.request_id.clone();
-    finish_record(gateway, record, started, &model_label);
+    finish_record(gateway, record, started, &model_label, None);
     reject(session, error, &model_label, Some(&request_id)).await
 }
 
-fn finish_record(gateway: &Gateway, mut record: UsageRecord, started: Instant, model_label: &str) {
+/// Queues the record: with the request's reserved slot when it has one, else if there is room.
+fn finish_record(
+    gateway: &Gateway,
+    mut record: UsageRecord,
+    started: Instant,
+    model_label: &str,
+    permit: Option<UsagePermit>,
+) {
     record.latency_ms = started.elapsed().as_millis() as u64;
     METRICS.requests.with_label_values(&[model_label, &record.status_code.to_string()]).inc();
-    gateway.usage.submit(record);
+    match permit {
+        Some(permit) => permit.send(record),
+        None => gateway.usage.submit(record),
+    }
 }
 
 /// Writes an OpenAI-style error and ends the request.

@@ -25,6 +25,12 @@ pub enum GatewayError {
     NoCapacity { model: String },
     #[error("The upstream provider failed after {attempts} attempt(s) (last: {last}).")]
     UpstreamFailed { attempts: u32, last: String },
+    #[error("The model '{model}' has no price on this gateway and cannot be served.")]
+    NotPriced { model: String },
+    #[error("Insufficient credits: this request could cost up to {needed} credits and no escrow or wallet of yours that may pay for model '{model}' holds that much. Add credits or lower max_tokens.")]
+    InsufficientFunds { needed: i64, model: String },
+    #[error("The gateway cannot record payments right now. Try again later.")]
+    BillingUnavailable,
     #[error("Internal gateway error.")]
     Internal,
 }
@@ -35,7 +41,9 @@ impl GatewayError {
             Self::BadRequest { .. } => 400,
             Self::InvalidKey | Self::ExpiredKey => 401,
             Self::ModelNotAllowed { .. } => 403,
-            Self::UnknownModel { .. } | Self::NotFound => 404,
+            Self::UnknownModel { .. } | Self::NotPriced { .. } | Self::NotFound => 404,
+            Self::InsufficientFunds { .. } => 402,
+            Self::BillingUnavailable => 503,
             Self::MethodNotAllowed => 405,
             Self::PayloadTooLarge { .. } => 413,
             Self::NoCapacity { .. } => 503,
@@ -50,11 +58,15 @@ impl GatewayError {
             Self::BadRequest { .. }
             | Self::ModelNotAllowed { .. }
             | Self::UnknownModel { .. }
+            | Self::NotPriced { .. }
             | Self::NotFound
             | Self::MethodNotAllowed
             | Self::PayloadTooLarge { .. } => "invalid_request_error",
             Self::InvalidKey | Self::ExpiredKey => "authentication_error",
-            Self::NoCapacity { .. } | Self::UpstreamFailed { .. } | Self::Internal => "server_error",
+            Self::InsufficientFunds { .. } => "insufficient_quota",
+            Self::NoCapacity { .. } | Self::UpstreamFailed { .. } | Self::BillingUnavailable | Self::Internal => {
+                "server_error"
+            }
         }
     }
 
@@ -65,7 +77,9 @@ impl GatewayError {
             Self::InvalidKey => "invalid_api_key",
             Self::ExpiredKey => "expired_api_key",
             Self::ModelNotAllowed { .. } => "model_not_allowed",
-            Self::UnknownModel { .. } => "model_not_found",
+            Self::UnknownModel { .. } | Self::NotPriced { .. } => "model_not_found",
+            Self::InsufficientFunds { .. } => "insufficient_quota",
+            Self::BillingUnavailable => "billing_unavailable",
             Self::NotFound => "unknown_url",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "request_too_large",

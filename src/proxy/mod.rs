@@ -24,6 +24,7 @@ use pingora::{ErrorSource, ErrorType};
 use attempt::SubrequestState;
 pub use attempt::{is_retryable_status, metered_tokens, Attempt, AttemptOutcome, CallPlan, Failure};
 
+use crate::billing::Funds;
 use crate::pool::SharedPool;
 use crate::usage::UsageSink;
 
@@ -90,12 +91,13 @@ impl GatewaySettings {
 pub struct Gateway {
     pool: SharedPool,
     usage: UsageSink,
+    funds: Arc<Funds>,
     settings: GatewaySettings,
 }
 
 impl Gateway {
-    pub fn new(pool: SharedPool, usage: UsageSink, settings: GatewaySettings) -> Self {
-        Self { pool, usage, settings }
+    pub fn new(pool: SharedPool, usage: UsageSink, funds: Arc<Funds>, settings: GatewaySettings) -> Self {
+        Self { pool, usage, funds, settings }
     }
 }
 

@@ -43,17 +43,19 @@ const MOCK_BIN: &str = env!("CARGO_BIN_EXE_mock-upstream");
 
 /// Generates `$name::sqlite` and `$name::mariadb` tests from `async fn $name(backend: Backend)`.
 /// The test future stays alive while the timeout panics, so the harness's drops see a failing test and
-/// print the gateway log.
+/// print the gateway log. Attributes before a name apply to both of its tests (`#[ignore = "bug: ..."] name`).
 #[macro_export]
 macro_rules! backend_tests {
-    ($($name:ident),+ $(,)?) => {$(
+    ($($(#[$attr:meta])* $name:ident),+ $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$attr])*
             async fn sqlite() {
                 $crate::common::run_with_timeout(super::$name($crate::common::Backend::Sqlite)).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$attr])*
             async fn mariadb() {
                 $crate::common::run_with_timeout(super::$name($crate::common::Backend::MariaDb)).await
             }
@@ -359,7 +361,11 @@ async fn drop_stale_databases(admin: &DatabaseConnection) {
     };
     for row in rows {
         let Ok(name) = row.try_get::<String>("", "name") else { continue };
-        let pid = name.split('_').nth(2).unwrap_or_default();
+        // `tokex_t_<pid>_...` (integration tests) or `tokex_t_db_<pid>_...` (unit tests): the first number.
+        let pid = name
+            .split('_')
+            .find(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+            .unwrap_or_default();
         if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
             let _ = admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS `{name}`")).await;
         }
@@ -374,6 +380,12 @@ pub use token_exchange::db::entities::usage_records::Model as UsageRecord;
 fn usage_record(row: &QueryResult) -> UsageRecord {
     UsageRecord::from_query_result(row, "").unwrap_or_else(|e| panic!("read a usage_records row: {e}"))
 }
+
+/// Credits granted to every buyer the harness creates.
+pub const BUYER_GRANT: i64 = 1_000_000_000_000;
+/// The price of models priced by the harness: 1 credit per prompt token, 2 per completion token.
+pub const TEST_PROMPT_PRICE: i64 = 1_000_000;
+pub const TEST_COMPLETION_PRICE: i64 = 2_000_000;
 
 /// Prompt tokens as the mock counts them: a quarter of the upstream request body, rounded up.
 pub fn mock_prompt_tokens(upstream_body_len: usize) -> i64 {
@@ -478,13 +490,51 @@ impl TestEnv {
             })
     }
 
-    /// `user create`; the password is always `PASSWORD`. Returns the user id.
+    /// `user create`; the password is always `PASSWORD`. Returns the user id. A buyer is granted
+    /// `BUYER_GRANT` credits, so that tests of other things never run out.
     pub async fn create_user(&self, username: &str, roles: &[&str]) -> i64 {
+        let id = self.create_user_without_credits(username, roles).await;
+        if roles.contains(&"buyer") {
+            self.grant(username, BUYER_GRANT).await;
+        }
+        id
+    }
+
+    pub async fn create_user_without_credits(&self, username: &str, roles: &[&str]) -> i64 {
         let roles = roles.join(",");
         let user =
             self.cli(&["user", "create", "--username", username, "--password", PASSWORD, "--roles", &roles], &[]).await;
         assert_eq!(user["username"], username, "user create printed {user}");
         user["id"].as_i64().unwrap_or_else(|| panic!("user create printed no id: {user}"))
+    }
+
+    /// `credits grant`; returns the wallet balance after.
+    pub async fn grant(&self, username: &str, amount: i64) -> i64 {
+        let amount = amount.to_string();
+        let out = self.cli(&["credits", "grant", "--username", username, "--amount", &amount], &[]).await;
+        out["balance"].as_i64().unwrap_or_else(|| panic!("credits grant printed {out}"))
+    }
+
+    /// `price set` (credits per million tokens).
+    pub async fn set_price(&self, model: &str, prompt_per_million: i64, completion_per_million: i64) {
+        let (p, c) = (prompt_per_million.to_string(), completion_per_million.to_string());
+        self.cli(&["price", "set", "--model", model, "--prompt", &p, "--completion", &c], &[]).await;
+    }
+
+    /// Runs `token-exchange ledger check` and returns (exit code, printed JSON).
+    pub async fn ledger_check(&self) -> (i32, Value) {
+        self.ledger_check_with(&[]).await
+    }
+
+    /// `ledger check` with extra `TOKEX_` variables (e.g. the gateway's `TOKEX_LEDGER_HOLD_STALE_MS`, which
+    /// the check uses to find stale holds).
+    pub async fn ledger_check_with(&self, extra_env: &[(&str, &str)]) -> (i32, Value) {
+        let out = self.cli_output(&["ledger", "check"], extra_env).await;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
+            panic!("ledger check printed {text:?}; stderr {}", String::from_utf8_lossy(&out.stderr))
+        });
+        (out.status.code().unwrap_or(-1), value)
     }
 
     /// `seller-key add` for the mock upstream (the API key goes through the environment, as an operator
@@ -502,6 +552,15 @@ impl TestEnv {
         models: &[&str],
         declared_balance: i64,
     ) -> i64 {
+        // Every model a test key serves gets the test price unless a test priced it already.
+        for model in models {
+            let listed = self.cli_output(&["price", "list"], &[]).await;
+            let priced: Value = serde_json::from_slice(&listed.stdout).unwrap_or(Value::Null);
+            let known = priced.as_array().is_some_and(|list| list.iter().any(|p| p["model"] == *model));
+            if !known {
+                self.set_price(model, TEST_PROMPT_PRICE, TEST_COMPLETION_PRICE).await;
+            }
+        }
         let models = models.join(",");
         let balance = declared_balance.to_string();
         let args = [
@@ -909,20 +968,25 @@ impl SdkRun {
     pub fn json(&self) -> Value {
         assert!(
             self.status.success(),
-            "sdk_client.py failed with {}\nstdout:\n{}\nstderr:\n{}",
+            "the Python SDK client failed with {}\nstdout:\n{}\nstderr:\n{}",
             self.status,
             self.stdout,
             self.stderr
         );
         serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
-            panic!("sdk_client.py printed no JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr)
+            panic!("the Python SDK client printed no JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr)
         })
     }
 }
 
 /// Runs the SDK client against the gateway with `key`; `args` are the mode and its options.
 pub async fn run_sdk(gateway: &Gateway, key: &str, args: &[&str]) -> SdkRun {
-    let script = repo_root().join("tests/python/sdk_client.py");
+    run_python_client(gateway, "sdk_client.py", key, args).await
+}
+
+/// Runs `tests/python/<script>` (an SDK client taking `--base-url` and `--api-key`) against the gateway.
+pub async fn run_python_client(gateway: &Gateway, script: &str, key: &str, args: &[&str]) -> SdkRun {
+    let script = repo_root().join("tests/python").join(script);
     let mut command = tokio::process::Command::new(python());
     command
         .arg(&script)
@@ -947,11 +1011,267 @@ pub async fn run_sdk(gateway: &Gateway, key: &str, args: &[&str]) -> SdkRun {
     command.env("NO_PROXY", "127.0.0.1,localhost").env("PYTHONDONTWRITEBYTECODE", "1");
     let output = tokio::time::timeout(Duration::from_secs(90), command.output())
         .await
-        .unwrap_or_else(|_| panic!("sdk_client.py {args:?} did not finish within 90 s"))
+        .unwrap_or_else(|_| panic!("{} {args:?} did not finish within 90 s", script.display()))
         .unwrap_or_else(|e| panic!("run {}: {e}", python().display()));
     SdkRun {
         status: output.status,
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+// --- the ledger -----------------------------------------------------------------------------------
+
+pub use token_exchange::db::entities::{accounts, escrows, holds, journal_entries, postings};
+
+/// `ledger.platform_fee_bps` as the tests run it (the default).
+pub const PLATFORM_FEE_BPS: i64 = 500;
+/// How long tests wait for the gateway to close its holds (idle or stale).
+pub const HOLD_CLOSE_WAIT: Duration = Duration::from_secs(20);
+
+/// docs/ledger.md: cost = ⌈(prompt × prompt rate + completion × completion rate) / 1,000,000⌉ credits.
+pub fn expected_cost(
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    prompt_per_million: i64,
+    completion_per_million: i64,
+) -> i64 {
+    let micro = i128::from(prompt_tokens) * i128::from(prompt_per_million)
+        + i128::from(completion_tokens) * i128::from(completion_per_million);
+    i64::try_from((micro + 999_999) / 1_000_000).expect("a cost fits in i64")
+}
+
+/// docs/ledger.md: the seller gets ⌊cost × (10,000 − fee) / 10,000⌋, the platform the rest.
+pub fn expected_seller_share(cost: i64) -> i64 {
+    cost * (10_000 - PLATFORM_FEE_BPS) / 10_000
+}
+
+/// The worst case a request reserves: cost(body bytes, completion bound).
+pub fn worst_case(body_bytes: usize, max_tokens: i64, prompt_per_million: i64, completion_per_million: i64) -> i64 {
+    expected_cost(body_bytes as i64, max_tokens, prompt_per_million, completion_per_million).max(1)
+}
+
+/// Did this request deliver something billable? (docs/ledger.md: an upstream error, a failure before the
+/// first byte, a response broken off before the first completion token cost nothing.)
+pub fn is_billable(record: &UsageRecord) -> bool {
+    let delivered_nothing =
+        record.error_kind.as_deref() == Some("upstream_interrupted") && record.completion_tokens == 0;
+    record.hosted_key_id.is_some() && (200..300).contains(&record.status_code) && !delivered_nothing
+}
+
+/// Asserts every record's `cost_credits` is the price formula applied to its own tokens (0 when it
+/// delivered nothing), and that nothing is unpaid. `price` gives (prompt, completion) per million for a model.
+pub fn assert_record_costs(records: &[UsageRecord], price: impl Fn(&str) -> (i64, i64)) {
+    for record in records {
+        let want = if is_billable(record) {
+            let (p, c) = price(&record.model);
+            expected_cost(record.prompt_tokens, record.completion_tokens, p, c)
+        } else {
+            0
+        };
+        assert_eq!(record.cost_credits, want, "cost of {record:#?}");
+        assert_eq!(record.unpaid_credits, 0, "nothing may be unpaid: {record:#?}");
+    }
+}
+
+/// Who is paid for what a key serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Earner {
+    Seller(i64),
+    /// A platform key (`hosted_keys.pool = 'platform'`): the platform keeps the whole cost.
+    Platform,
+}
+
+/// What the books must say after `records`, by the rules of docs/ledger.md.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExpectedBooks {
+    /// Paid per buyer (cost − unpaid).
+    pub paid: BTreeMap<i64, i64>,
+    /// Earned per seller.
+    pub earned: BTreeMap<i64, i64>,
+    pub revenue: i64,
+}
+
+pub fn expected_books(records: &[UsageRecord], earner: impl Fn(i64) -> Earner) -> ExpectedBooks {
+    let mut books = ExpectedBooks::default();
+    for record in records.iter().filter(|r| r.cost_credits > 0) {
+        let paid = record.cost_credits - record.unpaid_credits;
+        *books.paid.entry(record.buyer_id).or_default() += paid;
+        let key = record.hosted_key_id.unwrap_or_else(|| panic!("a billed record without a key: {record:#?}"));
+        match earner(key) {
+            Earner::Platform => books.revenue += paid,
+            Earner::Seller(seller) => {
+                let share = expected_seller_share(paid);
+                *books.earned.entry(seller).or_default() += share;
+                books.revenue += paid - share;
+            }
+        }
+    }
+    books
+}
+
+/// Every ledger table, read one after the other (take it while the gateway is quiet).
+#[derive(Debug)]
+pub struct LedgerSnapshot {
+    pub accounts: Vec<accounts::Model>,
+    pub entries: Vec<journal_entries::Model>,
+    pub postings: Vec<postings::Model>,
+    pub holds: Vec<holds::Model>,
+    pub escrows: Vec<escrows::Model>,
+}
+
+impl LedgerSnapshot {
+    fn sum(&self, kind: &str, owner: Option<i64>) -> i64 {
+        self.accounts
+            .iter()
+            .filter(|a| a.kind == kind && owner.is_none_or(|o| a.owner_id == o))
+            .map(|a| a.balance)
+            .sum()
+    }
+
+    pub fn wallet(&self, user_id: i64) -> i64 {
+        self.sum("wallet", Some(user_id))
+    }
+
+    /// What the buyer's escrow accounts hold (active or not).
+    pub fn escrowed(&self, buyer_id: i64) -> i64 {
+        self.sum("escrow", Some(buyer_id))
+    }
+
+    /// What the buyer's hold accounts hold (open or not: closed ones must be empty).
+    pub fn held(&self, buyer_id: i64) -> i64 {
+        self.sum("hold", Some(buyer_id))
+    }
+
+    /// Wallet + escrows + holds: everything the buyer still owns.
+    pub fn buyer_funds(&self, buyer_id: i64) -> i64 {
+        self.wallet(buyer_id) + self.escrowed(buyer_id) + self.held(buyer_id)
+    }
+
+    pub fn revenue(&self) -> i64 {
+        self.sum("revenue", None)
+    }
+
+    pub fn external(&self) -> i64 {
+        self.sum("external", None)
+    }
+
+    /// Σ of all balances: 0 in a sound ledger.
+    pub fn total(&self) -> i64 {
+        self.accounts.iter().map(|a| a.balance).sum()
+    }
+
+    pub fn open_holds(&self) -> Vec<&holds::Model> {
+        self.holds.iter().filter(|h| h.status == "open").collect()
+    }
+
+    pub fn entries_of_kind(&self, kind: &str) -> Vec<&journal_entries::Model> {
+        self.entries.iter().filter(|e| e.kind == kind).collect()
+    }
+
+    /// `settle` entries per request id.
+    pub fn settlements(&self) -> BTreeMap<String, Vec<&journal_entries::Model>> {
+        let mut by_request: BTreeMap<String, Vec<&journal_entries::Model>> = BTreeMap::new();
+        for entry in self.entries_of_kind("settle") {
+            let request =
+                entry.request_id.clone().unwrap_or_else(|| panic!("a settle entry without a request id: {entry:?}"));
+            by_request.entry(request).or_default().push(entry);
+        }
+        by_request
+    }
+
+    pub fn postings_of(&self, entry_id: i64) -> Vec<&postings::Model> {
+        self.postings.iter().filter(|p| p.entry_id == entry_id).collect()
+    }
+
+    /// What the buyer paid in an entry: minus the sum of its debits.
+    pub fn debits_of(&self, entry_id: i64) -> i64 {
+        -self.postings_of(entry_id).iter().filter(|p| p.amount < 0).map(|p| p.amount).sum::<i64>()
+    }
+
+    /// Σ of the grants (what entered the system).
+    pub fn granted(&self) -> i64 {
+        self.entries_of_kind("grant")
+            .iter()
+            .map(|e| self.postings_of(e.id).iter().filter(|p| p.amount > 0).map(|p| p.amount).sum::<i64>())
+            .sum()
+    }
+
+    /// Asserts the books: each buyer owns what was granted minus what they paid, each seller and the
+    /// platform earned what `expected` says, nothing is negative but the external account, which is −Σ
+    /// grants, and all balances sum to 0. `grants` is (buyer id, credits granted).
+    pub fn assert_books(&self, grants: &[(i64, i64)], expected: &ExpectedBooks) {
+        for &(buyer, granted) in grants {
+            let paid = expected.paid.get(&buyer).copied().unwrap_or(0);
+            assert_eq!(
+                self.buyer_funds(buyer),
+                granted - paid,
+                "buyer {buyer}: wallet {} + escrows {} + holds {} must be granted {granted} − paid {paid}",
+                self.wallet(buyer),
+                self.escrowed(buyer),
+                self.held(buyer)
+            );
+        }
+        for (&seller, &earned) in &expected.earned {
+            assert_eq!(self.wallet(seller), earned, "seller {seller}'s wallet");
+        }
+        assert_eq!(self.revenue(), expected.revenue, "platform revenue");
+        let negative: Vec<_> = self.accounts.iter().filter(|a| a.balance < 0 && a.kind != "external").collect();
+        assert!(negative.is_empty(), "negative balances: {negative:#?}");
+        assert_eq!(self.external(), -self.granted(), "the external account is minus the grants");
+        assert_eq!(self.total(), 0, "all balances sum to zero: {:#?}", self.accounts);
+    }
+}
+
+impl TestEnv {
+    pub async fn ledger_snapshot(&self) -> LedgerSnapshot {
+        use sea_orm::{EntityTrait, QueryOrder};
+        let db = self.db.connect().await;
+        let snapshot = LedgerSnapshot {
+            accounts: accounts::Entity::find()
+                .order_by_asc(accounts::Column::Id)
+                .all(&db)
+                .await
+                .expect("read accounts"),
+            entries: journal_entries::Entity::find()
+                .order_by_asc(journal_entries::Column::Id)
+                .all(&db)
+                .await
+                .expect("read journal_entries"),
+            postings: postings::Entity::find()
+                .order_by_asc(postings::Column::Id)
+                .all(&db)
+                .await
+                .expect("read postings"),
+            holds: holds::Entity::find().order_by_asc(holds::Column::Id).all(&db).await.expect("read holds"),
+            escrows: escrows::Entity::find().order_by_asc(escrows::Column::Id).all(&db).await.expect("read escrows"),
+        };
+        let _ = db.close().await;
+        snapshot
+    }
+
+    /// Polls until no hold is open (run gateways with a short `TOKEX_LEDGER_HOLD_IDLE_MS`), then returns the
+    /// ledger as it is then.
+    pub async fn wait_holds_closed(&self) -> LedgerSnapshot {
+        let deadline = Instant::now() + HOLD_CLOSE_WAIT;
+        loop {
+            let snapshot = self.ledger_snapshot().await;
+            if snapshot.open_holds().is_empty() {
+                return snapshot;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "holds still open after {HOLD_CLOSE_WAIT:?}: {:#?}",
+                snapshot.open_holds()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `ledger check` must pass.
+    pub async fn assert_ledger_ok(&self, extra_env: &[(&str, &str)]) {
+        let (code, report) = self.ledger_check_with(extra_env).await;
+        assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "ledger check: {report:#}");
+        assert_eq!(report["violations"], json!([]), "ledger check: {report:#}");
     }
 }
