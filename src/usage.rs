@@ -286,8 +286,12 @@ fn key_outcomes(batch: &[UsageRecord]) -> Vec<KeyOutcome> {
                 failures: 0,
                 last_used_at_ms: None,
                 last_failure_at_ms: None,
+                spent: 0,
             });
             o.last_used_at_ms = o.last_used_at_ms.max(Some(record.created_at_ms));
+            if ok && record.hosted_key_id == Some(key_id) {
+                o.spent += record.charge.as_ref().map_or(0, |c| c.cost);
+            }
             if ok {
                 o.successes += 1;
             } else {
@@ -366,5 +370,10 @@ mod tests {
         assert_eq!((outcomes[1].key_id, outcomes[1].successes, outcomes[1].failures), (2, 2, 0));
         assert_eq!(outcomes[1].last_used_at_ms, Some(20));
         assert_eq!(outcomes[1].last_failure_at_ms, None);
+        // Spending counts on the key that served, once per request.
+        let mut paid = record("c", vec![(1, false), (2, true)], 30);
+        paid.charge = Some(Charge { hold_id: 1, hold_account_id: 1, source_account_id: 1, cost: 7, seller_id: None });
+        let outcomes = key_outcomes(&[paid]);
+        assert_eq!((outcomes[0].spent, outcomes[1].spent), (0, 7));
     }
 }

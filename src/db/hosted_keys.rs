@@ -111,6 +111,8 @@ pub struct KeyOutcome {
     pub failures: i64,
     pub last_used_at_ms: Option<i64>,
     pub last_failure_at_ms: Option<i64>,
+    /// Credits settled on requests this key served: taken off its remaining balance.
+    pub spent: i64,
 }
 
 /// Adds the counts with `col = col + n` (several gateway nodes update the same keys concurrently, so a
@@ -123,7 +125,11 @@ where
     let mut outcomes: Vec<&KeyOutcome> = outcomes
         .iter()
         .filter(|o| {
-            o.successes != 0 || o.failures != 0 || o.last_used_at_ms.is_some() || o.last_failure_at_ms.is_some()
+            o.successes != 0
+                || o.failures != 0
+                || o.spent != 0
+                || o.last_used_at_ms.is_some()
+                || o.last_failure_at_ms.is_some()
         })
         .collect();
     if outcomes.is_empty() {
@@ -134,7 +140,8 @@ where
     for outcome in outcomes {
         let mut update = Entity::update_many()
             .col_expr(Column::SuccessCount, Expr::col(Column::SuccessCount).add(outcome.successes))
-            .col_expr(Column::FailureCount, Expr::col(Column::FailureCount).add(outcome.failures));
+            .col_expr(Column::FailureCount, Expr::col(Column::FailureCount).add(outcome.failures))
+            .col_expr(Column::RemainingBalance, Expr::col(Column::RemainingBalance).sub(outcome.spent));
         if let Some(at) = outcome.last_used_at_ms {
             update = update.col_expr(Column::LastUsedAtMs, latest(Column::LastUsedAtMs, at));
         }
@@ -174,7 +181,7 @@ pub(crate) mod tests {
     }
 
     fn outcome(key_id: i64, successes: i64, failures: i64, used: Option<i64>, failed: Option<i64>) -> KeyOutcome {
-        KeyOutcome { key_id, successes, failures, last_used_at_ms: used, last_failure_at_ms: failed }
+        KeyOutcome { key_id, successes, failures, last_used_at_ms: used, last_failure_at_ms: failed, spent: 0 }
     }
 
     #[tokio::test]

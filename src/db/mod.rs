@@ -190,6 +190,7 @@ mod tests {
                         failures: 0,
                         last_used_at_ms: Some(round),
                         last_failure_at_ms: None,
+                        spent: 1,
                     };
                     hosted_keys::apply_outcomes(&db, &[outcome]).await?;
                     let name = format!("user-{task}-{round}");
@@ -208,6 +209,7 @@ mod tests {
         }
         let key = hosted_keys::find_for_owner(&t.db, 1, key.id).await.unwrap().unwrap();
         assert_eq!(key.success_count, 8 * 15 * 20);
+        assert_eq!(key.remaining_balance, key.declared_balance - 8 * 15);
         assert_eq!(users::count(&t.db).await.unwrap(), 8 * 15);
     }
 }
