@@ -34,6 +34,10 @@ pub enum AppError {
     Runtime(String),
     #[error("{0}")]
     Accounts(#[from] crate::accounts::AccountError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] crate::db::ledger::LedgerError),
+    #[error("{0}")]
+    Funds(#[from] crate::ledger::FundsError),
 }
 
 /// A multi-thread runtime for the application side (database, admin, metrics).
@@ -155,12 +159,13 @@ pub fn serve(config: Config) -> Result<(), AppError> {
             db.clone(),
             tokio::runtime::Handle::current(),
             crate::billing::FundsSettings {
-                node_id: node_id(),
+                node_id: node_id(&config),
                 block_factor: config.ledger.hold_block_factor,
                 idle: Duration::from_millis(config.ledger.hold_idle_ms),
             },
         );
         tracing::info!(node_id = funds.node_id(), "ledger node id");
+        close_previous_holds(&db, funds.node_id()).await?;
         let refresh = RefreshHandle::default();
 
         let admin_listener = bind(&config.admin.listen).await?;
@@ -242,13 +247,31 @@ pub fn serve(config: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-/// A name for this process in the holds it opens: unique per start, so that a restarted node never takes
-/// its predecessor's holds for its own (they are recovered as stale).
-fn node_id() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "node".into());
-    let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').take(24).collect();
-    let unique = uuid::Uuid::now_v7().simple().to_string();
-    format!("{host}-{}-{}", std::process::id(), &unique[unique.len() - 8..])
+/// This node's name in the holds it opens (`ledger.node_id`, else `<hostname>:<gateway port>`): two running
+/// nodes cannot listen on one host and port, and a restarted node finds its previous run's holds.
+fn node_id(config: &Config) -> String {
+    if !config.ledger.node_id.is_empty() {
+        return config.ledger.node_id.clone();
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".into());
+    let host: String =
+        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')).take(48).collect();
+    let port = config.gateway.listen.rsplit(':').next().unwrap_or("0");
+    format!("{host}:{port}")
+}
+
+/// Returns what an earlier run of this node still held (a crash or SIGKILL leaves holds open); the
+/// requests it had in flight were never settled, so their reservations go back to the buyers.
+async fn close_previous_holds(db: &sea_orm::DatabaseConnection, node_id: &str) -> Result<(), AppError> {
+    let previous = crate::db::ledger::open_holds_of_node(db, node_id).await?;
+    for hold in previous {
+        let returned = crate::db::ledger::close_hold(db, hold.id, crate::now_ms()).await?;
+        tracing::info!(hold_id = hold.id, returned, "returned a hold left open by this node's previous run");
+    }
+    Ok(())
 }
 
 /// `/healthz` on the admin port is what load balancers and orchestrators poll, so it must not answer

@@ -11,7 +11,13 @@ use std::time::{Duration, Instant};
 
 use sea_orm::DatabaseConnection;
 
-use crate::db::ledger::{self, HoldSource};
+use crate::db::ledger::{self, HoldSource, LedgerError};
+
+/// Prompt tokens reserved per image or audio part (a high-detail image costs up to about 2,500).
+pub const MEDIA_PART_TOKENS: u64 = 3_000;
+
+/// How long a source's "cannot pay" marker is kept without a hold (longer than a snapshot refresh).
+const EMPTY_MARKER_MS: i64 = 60_000;
 
 /// A model's price.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,11 +36,19 @@ impl Price {
         i64::try_from(micro.div_ceil(1_000_000)).unwrap_or(i64::MAX)
     }
 
-    /// The most a request can cost: no tokenizer makes more tokens than the body has bytes, and the
-    /// completion is bounded by the request's own limit or the model's.
-    pub fn worst_case(&self, body_bytes: usize, max_tokens: Option<u64>, has_completion: bool) -> i64 {
-        let completion = if has_completion { max_tokens.unwrap_or(self.max_output_tokens) } else { 0 };
-        self.cost(body_bytes as u64, completion).max(1)
+    /// The most a request can cost, reserved before it is proxied. No tokenizer makes more tokens than the
+    /// text has bytes, except for media parts, counted at `MEDIA_PART_TOKENS` each; the completion is
+    /// bounded by the request's limit (0 counts as none: some providers read it as "no limit") or the
+    /// model's, once per choice. The charge never exceeds this reservation.
+    pub fn worst_case(&self, request: &crate::openai::request::InspectedRequest, has_completion: bool) -> i64 {
+        let prompt = (request.body.len() as u64).saturating_add(request.media_parts.saturating_mul(MEDIA_PART_TOKENS));
+        let completion = if has_completion {
+            let limit = request.max_tokens.filter(|&n| n > 0).unwrap_or(self.max_output_tokens);
+            limit.saturating_mul(request.choices.max(1))
+        } else {
+            0
+        };
+        self.cost(prompt, completion).max(1)
     }
 }
 
@@ -123,7 +137,7 @@ pub struct Funds {
 struct Slot {
     state: Mutex<SlotState>,
     /// One database call per source at a time; the others wait and then use its result.
-    acquiring: tokio::sync::Mutex<()>,
+    acquiring: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Default)]
@@ -165,6 +179,15 @@ pub struct Charge {
     pub cost: i64,
     /// The seller to pay; None when a platform key served it (or nothing was served).
     pub seller_id: Option<i64>,
+    /// Metered cost beyond the reservation: recorded as unpaid, never charged.
+    pub excess: i64,
+}
+
+impl Charge {
+    pub fn with_excess(mut self, excess: i64) -> Self {
+        self.excess = excess.max(0);
+        self
+    }
 }
 
 impl Reservation {
@@ -177,6 +200,7 @@ impl Reservation {
             source_account_id: self.source.account_id,
             cost,
             seller_id,
+            excess: 0,
         }
     }
 
@@ -251,107 +275,152 @@ impl Funds {
         snapshot_at: i64,
     ) -> Result<Option<Reservation>, FundsError> {
         let slot = self.slot(candidate.source.account_id);
-        if let Some(r) = self.take(&slot, candidate, worst) {
+        if let Some(r) = take(&slot, candidate, worst) {
             return Ok(Some(r));
         }
-        let _single = slot.acquiring.lock().await;
+        // The database work runs as its own task on the application runtime and applies its result to the
+        // slot itself: a request cancelled meanwhile cannot leave a hold open that memory does not know.
+        let job = Acquire {
+            db: self.db.clone(),
+            node_id: self.settings.node_id.clone(),
+            block_factor: self.settings.block_factor,
+            slot,
+            candidate: candidate.clone(),
+            worst,
+            snapshot_at,
+        };
+        self.runtime.spawn(job.run()).await.map_err(|e| FundsError::Unavailable(e.to_string()))?
+    }
+}
+
+/// Reserves from the hold in memory, if it has enough.
+fn take(slot: &Arc<Slot>, candidate: &Candidate, worst: i64) -> Option<Reservation> {
+    let mut state = lock(&slot.state);
+    let hold = state.hold.as_mut().filter(|h| h.available >= worst)?;
+    hold.available -= worst;
+    hold.in_flight += 1;
+    hold.last_used = Instant::now();
+    Some(Reservation {
+        slot: slot.clone(),
+        source: candidate.source,
+        hold_id: hold.hold_id,
+        hold_account_id: hold.account_id,
+        amount: worst,
+        pinned_key: candidate.pinned_key,
+        done: false,
+    })
+}
+
+/// Opening or extending a source's hold in the database for one request, then reserving from it.
+struct Acquire {
+    db: DatabaseConnection,
+    node_id: String,
+    block_factor: u32,
+    slot: Arc<Slot>,
+    candidate: Candidate,
+    worst: i64,
+    snapshot_at: i64,
+}
+
+impl Acquire {
+    async fn run(self) -> Result<Option<Reservation>, FundsError> {
+        let _single = self.slot.acquiring.clone().lock_owned().await;
         // Someone else may have extended the hold while we waited.
-        if let Some(r) = self.take(&slot, candidate, worst) {
+        if let Some(r) = take(&self.slot, &self.candidate, self.worst) {
             return Ok(Some(r));
         }
         let (hold, short) = {
-            let state = lock(&slot.state);
-            let short = worst - state.hold.as_ref().map_or(0, |h| h.available.max(0));
-            if state.empty.is_some_and(|(at, amount)| at >= snapshot_at && short >= amount) {
+            let state = lock(&self.slot.state);
+            let short = self.worst - state.hold.as_ref().map_or(0, |h| h.available.max(0));
+            if state.empty.is_some_and(|(at, amount)| at >= self.snapshot_at && short >= amount) {
                 return Ok(None);
             }
             (state.hold.as_ref().map(|h| h.hold_id), short)
         };
-        if candidate.snapshot_balance < short {
-            // The snapshot says there is nothing to take; a grant or escrow reloads the snapshot.
-            return Ok(None);
-        }
-        let want = worst.saturating_mul(i64::from(self.settings.block_factor)).max(short);
+        // A block for the next requests too, but at most half of what the snapshot saw in the source, so that
+        // other nodes serving this buyer find credits left.
+        let want =
+            self.worst.saturating_mul(i64::from(self.block_factor)).min(self.candidate.snapshot_balance / 2).max(short);
+        let unavailable = |e: LedgerError| FundsError::Unavailable(e.to_string());
         let now = crate::now_ms();
-        let db = self.db.clone();
-        let source = candidate.source;
-        let node = self.settings.node_id.clone();
-        let result = self
-            .runtime
-            .spawn(async move {
-                match hold {
-                    Some(hold_id) => {
-                        ledger::extend_hold(&db, hold_id, short, want, now).await.map(|added| (None, added))
-                    }
-                    None => ledger::open_hold(&db, source, &node, short, want, now).await.map(|h| (h, 0)),
+        if let Some(hold_id) = hold {
+            let added = ledger::extend_hold(&self.db, hold_id, short, want, now).await.map_err(unavailable)?;
+            if added > 0 {
+                if let Some(h) = lock(&self.slot.state).hold.as_mut().filter(|h| h.hold_id == hold_id) {
+                    h.available += added;
                 }
-            })
-            .await
-            .map_err(|e| FundsError::Unavailable(e.to_string()))?
-            .map_err(|e| FundsError::Unavailable(e.to_string()))?;
-        {
-            let mut state = lock(&slot.state);
-            match result {
-                (Some(opened), _) => {
-                    state.hold = Some(Hold {
-                        hold_id: opened.id,
-                        account_id: opened.account_id,
-                        available: opened.amount,
-                        in_flight: 0,
-                        last_used: Instant::now(),
-                    });
-                }
-                (None, added) if added > 0 => {
-                    if let Some(h) = state.hold.as_mut() {
-                        h.available += added;
-                    }
-                }
-                _ => {
-                    state.empty = Some((snapshot_at, short));
-                    return Ok(None);
-                }
+                return Ok(take(&self.slot, &self.candidate, self.worst));
+            }
+            // Nothing added: the source is short, or the hold was closed under us (its node was taken for
+            // dead after a database outage). A closed hold leaves memory; a fresh one is opened below.
+            let open = ledger::find_hold(&self.db, hold_id).await?.is_some_and(|h| h.status == ledger::HOLD_OPEN);
+            if open {
+                lock(&self.slot.state).empty = Some((self.snapshot_at, short));
+                return Ok(None);
+            }
+            tracing::warn!(hold_id, "a hold of this node was closed by another node; opening a new one");
+            let mut state = lock(&self.slot.state);
+            if state.hold.as_ref().is_some_and(|h| h.hold_id == hold_id) {
+                state.hold = None;
             }
         }
-        Ok(self.take(&slot, candidate, worst))
+        let want = want.max(self.worst);
+        match ledger::open_hold(&self.db, self.candidate.source, &self.node_id, self.worst, want, now)
+            .await
+            .map_err(unavailable)?
+        {
+            Some(opened) => {
+                lock(&self.slot.state).hold = Some(Hold {
+                    hold_id: opened.id,
+                    account_id: opened.account_id,
+                    available: opened.amount,
+                    in_flight: 0,
+                    last_used: Instant::now(),
+                });
+                Ok(take(&self.slot, &self.candidate, self.worst))
+            }
+            None => {
+                lock(&self.slot.state).empty = Some((self.snapshot_at, self.worst));
+                Ok(None)
+            }
+        }
     }
+}
 
-    /// Reserves from the hold in memory, if it has enough.
-    fn take(&self, slot: &Arc<Slot>, candidate: &Candidate, worst: i64) -> Option<Reservation> {
-        let mut state = lock(&slot.state);
-        let hold = state.hold.as_mut().filter(|h| h.available >= worst)?;
-        hold.available -= worst;
-        hold.in_flight += 1;
-        hold.last_used = Instant::now();
-        Some(Reservation {
-            slot: slot.clone(),
-            source: candidate.source,
-            hold_id: hold.hold_id,
-            hold_account_id: hold.account_id,
-            amount: worst,
-            pinned_key: candidate.pinned_key,
-            done: false,
-        })
+impl From<sea_orm::DbErr> for FundsError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        Self::Unavailable(e.to_string())
     }
+}
 
+impl Funds {
     /// Takes the holds idle for longer than the idle time out of use and returns their ids: the caller
     /// closes them once the settlements queued before have been written.
     pub fn retire_idle(&self) -> Vec<i64> {
         let slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
         let mut retired = Vec::new();
         for slot in slots {
+            // A hold being extended or opened right now is in use.
+            let Ok(_busy) = slot.acquiring.try_lock() else { continue };
             let mut state = lock(&slot.state);
             let idle =
                 state.hold.as_ref().is_some_and(|h| h.in_flight == 0 && h.last_used.elapsed() >= self.settings.idle);
             if idle {
                 if let Some(hold) = state.hold.take() {
                     retired.push(hold.hold_id);
+                    // Its rest goes back to the source: worth asking the database again.
+                    state.empty = None;
                 }
             }
         }
-        // Forget sources with nothing held, so the map does not grow with every buyer ever seen.
+        // Forget sources with nothing held once their "cannot pay" marker is old, so that the map does not
+        // grow with every buyer ever seen, yet a buyer without funds cannot reach the database per request.
+        let forget_before = crate::now_ms() - EMPTY_MARKER_MS;
         lock(&self.slots).retain(|_, slot| {
             let state = lock(&slot.state);
-            state.hold.is_some() || Arc::strong_count(slot) > 1
+            state.hold.is_some()
+                || Arc::strong_count(slot) > 1
+                || state.empty.is_some_and(|(at, _)| at >= forget_before)
         });
         retired
     }
@@ -364,6 +433,22 @@ impl Funds {
         open
     }
 
+    /// Forgets holds that the database says are closed (another node took this one for dead after a
+    /// database outage): requests must not keep spending from them.
+    pub fn evict(&self, closed: &[i64]) {
+        if closed.is_empty() {
+            return;
+        }
+        for slot in lock(&self.slots).values() {
+            let mut state = lock(&slot.state);
+            if state.hold.as_ref().is_some_and(|h| closed.contains(&h.hold_id)) {
+                tracing::warn!("a hold of this node was closed by another node; it is no longer used");
+                state.hold = None;
+                state.empty = None;
+            }
+        }
+    }
+
     /// Takes every hold out of use (shutdown): the caller closes them after the last settlements.
     pub fn retire_all(&self) -> Vec<i64> {
         lock(&self.slots).values().filter_map(|slot| lock(&slot.state).hold.take().map(|h| h.hold_id)).collect()
@@ -373,6 +458,7 @@ impl Funds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::request::InspectedRequest;
 
     fn price(p: u64, c: u64) -> Price {
         Price { prompt_per_million: p, completion_per_million: c, max_output_tokens: 100 }
@@ -387,13 +473,30 @@ mod tests {
         assert_eq!(price(u64::MAX, u64::MAX).cost(u64::MAX, u64::MAX), i64::MAX);
     }
 
+    fn request(body: &str, max_tokens: Option<u64>, choices: u64, media_parts: u64) -> InspectedRequest {
+        InspectedRequest {
+            model: "m".into(),
+            stream: false,
+            client_wants_usage: false,
+            max_tokens,
+            choices,
+            media_parts,
+            body: bytes::Bytes::from(body.to_string()),
+        }
+    }
+
     #[test]
     fn worst_case_uses_the_request_limit_or_the_model_cap() {
         let p = price(1_000_000, 1_000_000);
-        assert_eq!(p.worst_case(10, Some(5), true), 15);
-        assert_eq!(p.worst_case(10, None, true), 110);
-        assert_eq!(p.worst_case(10, Some(5), false), 10);
-        assert_eq!(price(0, 0).worst_case(10, None, true), 1);
+        let body = "0123456789";
+        assert_eq!(p.worst_case(&request(body, Some(5), 1, 0), true), 15);
+        assert_eq!(p.worst_case(&request(body, None, 1, 0), true), 110);
+        // 0 is no limit for some providers.
+        assert_eq!(p.worst_case(&request(body, Some(0), 1, 0), true), 110);
+        assert_eq!(p.worst_case(&request(body, Some(5), 3, 0), true), 25);
+        assert_eq!(p.worst_case(&request(body, Some(5), 1, 2), true), 15 + 2 * MEDIA_PART_TOKENS as i64);
+        assert_eq!(p.worst_case(&request(body, Some(5), 1, 0), false), 10);
+        assert_eq!(price(0, 0).worst_case(&request(body, None, 1, 0), true), 1);
     }
 
     #[test]
@@ -445,16 +548,20 @@ pub async fn maintenance(
             () = tokio::time::sleep(tick) => {}
             _ = shutdown.changed() => return,
         }
-        let retired = funds.retire_idle();
-        funds.open_holds();
-        if !retired.is_empty() && !sink.close_holds(retired) {
-            tracing::warn!("the usage queue is full; idle holds stay open until the stale-hold recovery");
+        // A queue slot first: a hold taken out of memory must be closed, or it stays locked until recovery.
+        if let Some(permit) = sink.reserve() {
+            let retired = funds.retire_idle();
+            if !retired.is_empty() {
+                permit.close_holds(retired);
+            }
         }
+        funds.open_holds();
         let now = crate::now_ms();
         if last_renew.elapsed() >= renew_every {
             last_renew = Instant::now();
-            if let Err(e) = ledger::renew_holds(&db, &funds.open_holds(), now).await {
-                tracing::warn!(error = %e, "renewing holds failed");
+            match ledger::renew_holds(&db, &funds.open_holds(), now).await {
+                Ok(closed) => funds.evict(&closed),
+                Err(e) => tracing::warn!(error = %e, "renewing holds failed"),
             }
         }
         if last_sweep.is_none_or(|at| at.elapsed() >= sweep_every) {
@@ -519,7 +626,8 @@ mod db_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_reserve_from_one_hold_and_extend_it() {
         let t = TestDb::sqlite().await;
-        let candidate = funded(&t, 100).await;
+        // A snapshot that saw plenty: the blocks are sized by the factor alone.
+        let candidate = Candidate { snapshot_balance: i64::MAX, ..funded(&t, 100).await };
         let funds = funds(&t, 2);
         let a = funds.reserve(std::slice::from_ref(&candidate), 30, 1).await.unwrap();
         // One hold of 2 × 30 was opened; the second request comes from memory.
@@ -578,6 +686,24 @@ mod db_tests {
             assert_eq!(ledger::wallet_balance(&t.db, 7).await.unwrap(), 0);
             t.cleanup().await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_hold_leaves_half_of_the_source_to_other_nodes() {
+        let t = TestDb::sqlite().await;
+        let candidate = funded(&t, 1_000).await;
+        let node_a = funds(&t, 100);
+        let node_b = Funds::new(
+            t.db.clone(),
+            tokio::runtime::Handle::current(),
+            FundsSettings { node_id: "n2".into(), block_factor: 100, idle: Duration::ZERO },
+        );
+        let _a = node_a.reserve(std::slice::from_ref(&candidate), 10, 1).await.unwrap();
+        assert_eq!(ledger::wallet_balance(&t.db, 7).await.unwrap(), 500);
+        // Node B's snapshot (loaded after A's hold) sees 500 and takes half of that.
+        let seen_by_b = Candidate { snapshot_balance: 500, ..candidate };
+        let _b = node_b.reserve(std::slice::from_ref(&seen_by_b), 10, 2).await.unwrap();
+        assert_eq!(ledger::wallet_balance(&t.db, 7).await.unwrap(), 250);
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::accounts::{self, AccountError, NewSellerKey, Role};
+use crate::accounts::{self, NewSellerKey, Role};
 use crate::app::{app_runtime, load_keyring, open_database, AppError};
 use crate::config::Config;
 use crate::ledger::{self, FundsError};
@@ -243,8 +243,7 @@ pub fn ledger(config: &Config, command: LedgerCommand) -> Result<bool, AppError>
 fn funds_error(e: FundsError) -> AppError {
     match e {
         FundsError::Db(e) => AppError::Db(e),
-        FundsError::NotFound { what } => AppError::Accounts(AccountError::NotFound { what }),
-        other => AppError::Accounts(AccountError::Conflict { message: other.to_string() }),
+        other => AppError::Funds(other),
     }
 }
 

@@ -112,6 +112,9 @@ pub struct UsageConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LedgerConfig {
+    /// This node's name in the holds it opens; unique among running nodes, stable across restarts (a
+    /// restarted node closes what its previous run left open). Empty: `<hostname>:<gateway port>`.
+    pub node_id: String,
     /// The platform's share of each settled request, in basis points (500 = 5 %).
     pub platform_fee_bps: u32,
     /// A hold opened for a request takes up to this many times the request's worst case, so that the
@@ -201,6 +204,7 @@ impl Default for UsageConfig {
 impl Default for LedgerConfig {
     fn default() -> Self {
         Self {
+            node_id: String::new(),
             platform_fee_bps: 500,
             hold_block_factor: 20,
             hold_idle_ms: 30_000,
@@ -298,6 +302,9 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::Invalid { field, message: "must be greater than 0".into() });
             }
+        }
+        if self.ledger.node_id.len() > 64 {
+            return Err(ConfigError::Invalid { field: "ledger.node_id", message: "at most 64 characters".into() });
         }
         if self.ledger.platform_fee_bps > 10_000 {
             return Err(ConfigError::Invalid {

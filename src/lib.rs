@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod openai;
 pub mod pool;
 pub mod proxy;
+
 pub mod telemetry;
 pub mod usage;
 

@@ -69,6 +69,11 @@ impl UsagePermit {
     pub fn send(self, record: UsageRecord) {
         self.0.send(UsageItem::Record(Box::new(record)));
     }
+
+    /// Queues the closing of holds behind the settlements already queued.
+    pub fn close_holds(self, hold_ids: Vec<i64>) {
+        self.0.send(UsageItem::CloseHolds(hold_ids));
+    }
 }
 
 impl UsageSink {
@@ -180,13 +185,16 @@ impl UsageWriter {
     }
 
     /// One transaction per batch: a retried batch can neither duplicate records, settle twice nor count key
-    /// outcomes twice. A batch that keeps failing is split, so one bad record cannot lose the others.
+    /// outcomes twice. While the database is unreachable or busy the batch is retried without end (the
+    /// queue then fills up and paid requests are refused, rather than served unbilled). A batch that fails
+    /// for another reason is split, so that one bad record cannot lose the others.
     async fn write_records(&mut self, batch: Vec<UsageRecord>) {
         if batch.is_empty() {
             return;
         }
         let mut backoff = Duration::from_millis(100);
-        for attempt in 1..=4 {
+        let mut failures = 0;
+        loop {
             match self.write_batch(&batch).await {
                 Ok(()) => {
                     METRICS.usage_records_written.inc_by(batch.len() as u64);
@@ -194,12 +202,16 @@ impl UsageWriter {
                 }
                 Err(e) => {
                     METRICS.usage_write_errors.inc();
-                    tracing::warn!(error = %e, attempt, records = batch.len(), "writing usage records failed");
-                    if batch.len() > 1 && attempt >= 2 {
-                        break;
+                    let unavailable = is_unavailable(&e);
+                    tracing::warn!(error = %e, unavailable, records = batch.len(), "writing usage records failed");
+                    if !unavailable {
+                        failures += 1;
+                        if failures >= if batch.len() > 1 { 2 } else { 4 } {
+                            break;
+                        }
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -254,8 +266,8 @@ impl UsageWriter {
                 if settled.unpaid > 0 {
                     tracing::warn!(request_id = %record.request_id, unpaid = settled.unpaid, "the buyer could not pay the whole cost");
                 }
-                unpaid = settled.unpaid;
-                settled_all.push((record.model.as_str(), settled));
+                unpaid = settled.unpaid + charge.excess;
+                settled_all.push((record.model.as_str(), settled, charge.excess));
             }
             rows.push(to_row(record, unpaid));
         }
@@ -267,13 +279,26 @@ impl UsageWriter {
             let ended = record.created_at_ms.saturating_add(i64::try_from(record.latency_ms).unwrap_or(0));
             METRICS.settlement_lag.observe((done - ended).max(0) as f64 / 1000.0);
         }
-        for (model, settled) in settled_all.into_iter().filter(|(_, s)| !s.duplicate) {
+        for (model, settled, excess) in settled_all.into_iter().filter(|(_, s, _)| !s.duplicate) {
             METRICS.credits_spent.with_label_values(&[model]).inc_by(settled.paid.unsigned_abs());
             METRICS.platform_revenue.inc_by(settled.platform.unsigned_abs());
-            METRICS.credits_unpaid.inc_by(settled.unpaid.unsigned_abs());
+            METRICS.credits_unpaid.inc_by(settled.unpaid.saturating_add(excess).unsigned_abs());
         }
         Ok(())
     }
+}
+
+/// The database cannot be reached or is busy: retrying later will work. Anything else (a constraint, a
+/// value out of range) would fail again.
+fn is_unavailable(e: &LedgerError) -> bool {
+    let LedgerError::Db(db) = e else { return false };
+    if matches!(db, sea_orm::DbErr::Conn(_) | sea_orm::DbErr::ConnectionAcquire(_)) || ledger::is_transient(db) {
+        return true;
+    }
+    let text = db.to_string().to_ascii_lowercase();
+    ["connection", "timed out", "broken pipe", "io error", "server has gone away", "lost connection"]
+        .iter()
+        .any(|m| text.contains(m))
 }
 
 fn key_outcomes(batch: &[UsageRecord]) -> Vec<KeyOutcome> {
@@ -310,7 +335,8 @@ fn to_row(r: &UsageRecord, unpaid: i64) -> usage_records::ActiveModel {
         buyer_id: Set(r.buyer_id),
         buyer_key_id: Set(r.buyer_key_id),
         hosted_key_id: Set(r.hosted_key_id),
-        model: Set(r.model.clone()),
+        // Rejected requests carry whatever model name the buyer sent: never more than the column holds.
+        model: Set(r.model.chars().take(crate::openai::request::MAX_MODEL_CHARS).collect()),
         endpoint: Set(r.endpoint.to_string()),
         prompt_tokens: Set(int(r.prompt_tokens)),
         completion_tokens: Set(int(r.completion_tokens)),
@@ -324,7 +350,7 @@ fn to_row(r: &UsageRecord, unpaid: i64) -> usage_records::ActiveModel {
         client_disconnected: Set(r.client_disconnected),
         error_kind: Set(r.error_kind.map(String::from)),
         created_at_ms: Set(r.created_at_ms),
-        cost_credits: Set(r.charge.as_ref().map_or(0, |c| c.cost)),
+        cost_credits: Set(r.charge.as_ref().map_or(0, |c| c.cost.saturating_add(c.excess))),
         unpaid_credits: Set(unpaid),
         hold_id: Set(r.charge.as_ref().map(|c| c.hold_id)),
         ..Default::default()
@@ -372,7 +398,8 @@ mod tests {
         assert_eq!(outcomes[1].last_failure_at_ms, None);
         // Spending counts on the key that served, once per request.
         let mut paid = record("c", vec![(1, false), (2, true)], 30);
-        paid.charge = Some(Charge { hold_id: 1, hold_account_id: 1, source_account_id: 1, cost: 7, seller_id: None });
+        paid.charge =
+            Some(Charge { hold_id: 1, hold_account_id: 1, source_account_id: 1, cost: 7, seller_id: None, excess: 0 });
         let outcomes = key_outcomes(&[paid]);
         assert_eq!((outcomes[0].spent, outcomes[1].spent), (0, 7));
     }

@@ -691,10 +691,11 @@ async fn mark_exhausted_if_empty(
     Ok(())
 }
 
-/// Marks the node's holds as alive.
-pub async fn renew_holds(c: &impl ConnectionTrait, hold_ids: &[i64], now_ms: i64) -> Result<(), DbErr> {
+/// Marks the node's holds as alive. Returns those of them that are no longer open (closed by another
+/// node), which the node must stop using.
+pub async fn renew_holds(c: &impl ConnectionTrait, hold_ids: &[i64], now_ms: i64) -> Result<Vec<i64>, DbErr> {
     if hold_ids.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     holds::Entity::update_many()
         .col_expr(holds::Column::RenewedAtMs, Expr::value(now_ms))
@@ -702,7 +703,14 @@ pub async fn renew_holds(c: &impl ConnectionTrait, hold_ids: &[i64], now_ms: i64
         .filter(holds::Column::Status.eq(HOLD_OPEN))
         .exec(c)
         .await?;
-    Ok(())
+    holds::Entity::find()
+        .select_only()
+        .column(holds::Column::Id)
+        .filter(holds::Column::Id.is_in(hold_ids.iter().copied()))
+        .filter(holds::Column::Status.ne(HOLD_OPEN))
+        .into_tuple::<i64>()
+        .all(c)
+        .await
 }
 
 /// Open holds not renewed since `before_ms`: their node died (or lost the database for that long).

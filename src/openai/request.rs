@@ -47,8 +47,12 @@ pub struct InspectedRequest {
     pub stream: bool,
     /// The buyer asked for the usage chunk themselves (stream_options.include_usage == true).
     pub client_wants_usage: bool,
-    /// max_completion_tokens, else max_tokens (chat only).
+    /// The larger of max_completion_tokens and max_tokens (chat only): a provider may honour either.
     pub max_tokens: Option<u64>,
+    /// Completions asked for (`n`, chat only; 1 when absent).
+    pub choices: u64,
+    /// Image and audio parts in the body: their prompt tokens are not bounded by their bytes.
+    pub media_parts: u64,
     /// The body to send upstream: the original `Bytes` (same allocation) when unchanged.
     pub body: Bytes,
 }
@@ -61,6 +65,8 @@ impl fmt::Debug for InspectedRequest {
             .field("stream", &self.stream)
             .field("client_wants_usage", &self.client_wants_usage)
             .field("max_tokens", &self.max_tokens)
+            .field("choices", &self.choices)
+            .field("media_parts", &self.media_parts)
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -90,7 +96,16 @@ pub enum RequestError {
     InvalidStreamOptions { field: &'static str, expected: &'static str },
     #[error("Invalid type for '{field}': expected a non-negative integer.")]
     InvalidMaxTokens { field: &'static str },
+    #[error("Invalid value for 'model': at most {MAX_MODEL_CHARS} characters.")]
+    ModelTooLong,
+    #[error("Invalid value for 'n': expected an integer from 1 to {MAX_CHOICES}.")]
+    InvalidChoices,
 }
+
+/// Longer model names are refused: no provider has them, and they would only bloat usage records.
+pub const MAX_MODEL_CHARS: usize = 128;
+/// The most completions one chat request may ask for (OpenAI's own limit).
+pub const MAX_CHOICES: u64 = 128;
 
 impl RequestError {
     /// OpenAI's `error.code` for this refusal.
@@ -99,7 +114,7 @@ impl RequestError {
             Self::EmptyBody | Self::InvalidJson { .. } | Self::NotAnObject => "invalid_json",
             Self::DuplicateField { .. } => "duplicate_parameter",
             Self::MissingModel => "missing_required_parameter",
-            Self::EmptyModel => "invalid_value",
+            Self::EmptyModel | Self::ModelTooLong | Self::InvalidChoices => "invalid_value",
             Self::InvalidModel
             | Self::InvalidStream
             | Self::InvalidStreamOptions { .. }
@@ -150,7 +165,11 @@ pub fn inspect(endpoint: Endpoint, body: Bytes, path_model: Option<&str>) -> Res
         },
     };
 
-    let (mut stream, mut client_wants_usage, mut max_tokens) = (false, false, None);
+    if model.chars().count() > MAX_MODEL_CHARS {
+        return Err(RequestError::ModelTooLong);
+    }
+
+    let (mut stream, mut client_wants_usage, mut max_tokens, mut choices) = (false, false, None, 1);
     if endpoint == Endpoint::ChatCompletions {
         stream = match peek.stream {
             Loose::Absent | Loose::Null => false,
@@ -158,14 +177,31 @@ pub fn inspect(endpoint: Endpoint, body: Bytes, path_model: Option<&str>) -> Res
             _ => return Err(RequestError::InvalidStream),
         };
         let completion = non_negative(&peek.max_completion_tokens, "max_completion_tokens")?;
-        max_tokens = completion.or(non_negative(&peek.max_tokens, "max_tokens")?);
+        let legacy = non_negative(&peek.max_tokens, "max_tokens")?;
+        max_tokens = completion.max(legacy);
+        choices = match peek.n {
+            Loose::Absent | Loose::Null => 1,
+            Loose::UInt(n @ 1..=MAX_CHOICES) => n,
+            _ => return Err(RequestError::InvalidChoices),
+        };
         if stream {
             client_wants_usage = ask_for_usage(&body, open, &peek.stream_options, &mut edits)?;
         }
     }
 
+    let media_parts = count_media_parts(&body);
     let body = edits.apply(body);
-    Ok(InspectedRequest { model, stream, client_wants_usage, max_tokens, body })
+    Ok(InspectedRequest { model, stream, client_wants_usage, max_tokens, choices, media_parts, body })
+}
+
+/// Counts the strings `"image_url"`, `"input_audio"` and `"input_image"`: each media part names them as its
+/// type and as its key, and the text may contain them too, so this is an upper bound (never fewer than
+/// the parts, which is what matters for a reservation).
+fn count_media_parts(body: &[u8]) -> u64 {
+    [&b"\"image_url\""[..], b"\"input_audio\"", b"\"input_image\""]
+        .iter()
+        .map(|needle| memchr::memmem::find_iter(body, needle).count() as u64)
+        .sum()
 }
 
 /// Makes the upstream send its usage event; returns whether the buyer asked for it already.
@@ -381,10 +417,11 @@ struct Peek<'a> {
     stream_options: StreamOptions,
     max_tokens: Loose<'a>,
     max_completion_tokens: Loose<'a>,
+    n: Loose<'a>,
     duplicate: Option<&'static str>,
 }
 
-const PEEK_FIELDS: &[&str] = &["model", "stream", "stream_options", "max_tokens", "max_completion_tokens"];
+const PEEK_FIELDS: &[&str] = &["model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"];
 
 impl<'de> Deserialize<'de> for Peek<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -419,7 +456,8 @@ impl<'de> Visitor<'de> for PeekVisitor {
                 1 => peek.stream = map.next_value()?,
                 2 => peek.stream_options = map.next_value()?,
                 3 => peek.max_tokens = map.next_value()?,
-                _ => peek.max_completion_tokens = map.next_value()?,
+                4 => peek.max_completion_tokens = map.next_value()?,
+                _ => peek.n = map.next_value()?,
             }
         }
         Ok(peek)
@@ -641,6 +679,27 @@ mod tests {
         assert_eq!(r.max_tokens, None);
         let r = chat(r#"{"model":"m\u00e9\"x"}"#).unwrap();
         assert_eq!(r.model, "m\u{e9}\"x");
+    }
+
+    /// What bounds the cost of a request: a provider may honour either limit, `n` multiplies the completion,
+    /// and media parts are not bounded by their bytes.
+    #[test]
+    fn reads_what_bounds_the_cost() {
+        let r = chat(r#"{"model":"m","max_completion_tokens":1,"max_tokens":100000}"#).unwrap();
+        assert_eq!(r.max_tokens, Some(100_000));
+        let r = chat(r#"{"model":"m","n":3}"#).unwrap();
+        assert_eq!((r.choices, r.max_tokens), (3, None));
+        assert_eq!(chat(r#"{"model":"m"}"#).unwrap().choices, 1);
+        for bad in [r#"{"model":"m","n":0}"#, r#"{"model":"m","n":129}"#, r#"{"model":"m","n":"2"}"#] {
+            assert_eq!(chat(bad).unwrap_err(), RequestError::InvalidChoices, "{bad}");
+        }
+        let body = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/a.png"}},
+            {"type":"input_audio","input_audio":{"data":"AAAA","format":"wav"}},{"type":"text","text":"hi"}]}]}"#;
+        // Each part names its type and its key: counted twice, an upper bound that stays safe.
+        assert_eq!(chat(body).unwrap().media_parts, 4);
+        let long = format!(r#"{{"model":"{}"}}"#, "x".repeat(MAX_MODEL_CHARS + 1));
+        assert_eq!(chat(&long).unwrap_err(), RequestError::ModelTooLong);
+        assert!(chat(&format!(r#"{{"model":"{}"}}"#, "x".repeat(MAX_MODEL_CHARS))).is_ok());
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct AttemptOutcome {
     pub delivered_text: String,
     /// The body was a successful API response whose tokens must be metered.
     pub metered: bool,
+    /// A non-stream response too large to parse for its usage.
+    pub overflowed: bool,
 }
 
 #[derive(Debug)]
@@ -207,6 +209,7 @@ impl SubrequestState {
             BodyMeter::Json(mut meter) => {
                 outcome.metered = true;
                 let parsed = meter.finish();
+                outcome.overflowed = parsed.overflowed;
                 outcome.reported_usage = parsed.reported_usage;
                 outcome.delivered_text = parsed.text;
             }

@@ -152,7 +152,7 @@ async fn call(
         tracing::error!("the usage queue is full; refusing paid requests until it drains");
         return finish_rejected(gateway, session, record, &GatewayError::BillingUnavailable, started).await;
     };
-    let worst = price.worst_case(request.body.len(), request.max_tokens, endpoint.has_completion());
+    let worst = price.worst_case(&request, endpoint.has_completion());
     let candidates = snapshot
         .funds
         .get(&buyer.user_id)
@@ -243,9 +243,10 @@ async fn call(
         return finish_rejected(gateway, session, record, &e, started).await;
     };
 
-    let (metered, reported, delivered_text) = {
+    let (metered, reported, delivered_text, overflowed) = {
         let mut outcome = attempt.outcome();
         let metered = outcome.metered;
+        let overflowed = outcome.overflowed;
         let reported = outcome.reported_usage;
         let delivered_text = std::mem::take(&mut outcome.delivered_text);
         record.hosted_key_id = Some(attempt.key.id);
@@ -266,7 +267,7 @@ async fn call(
         if let Some(ttft) = outcome.ttft {
             METRICS.ttft.with_label_values(&[&model_label]).observe(ttft.as_secs_f64());
         }
-        (metered, reported, delivered_text)
+        (metered, reported, delivered_text, overflowed)
     };
     // Local counting of a large prompt or reply takes long enough to stall other requests on this thread.
     let (prompt, completion, estimated) = if metered && reported.is_none() {
@@ -283,9 +284,23 @@ async fn call(
     // A response the upstream broke off before any completion token delivered nothing: it costs nothing.
     // (A buyer who hangs up pays for what was delivered up to then, prompt included.)
     let delivered_nothing = record.error_kind == Some("upstream_interrupted") && completion == 0;
-    let cost = if metered && !delivered_nothing { price.cost(prompt, completion) } else { 0 };
+    let cost = if !metered || delivered_nothing {
+        0
+    } else if overflowed {
+        // A response too large to parse for usage: billed at the worst case the buyer agreed to.
+        record.estimated = true;
+        reservation.amount
+    } else {
+        price.cost(prompt, completion)
+    };
+    // The buyer never pays more than was reserved: usage beyond the bound (a provider ignoring the limit,
+    // or an upstream reporting more than it could have produced) is recorded as unpaid, not charged.
+    let charged = cost.min(reservation.amount);
+    if charged < cost {
+        tracing::warn!(request_id = %record.request_id, key_id = attempt.key.id, cost, reserved = reservation.amount, "usage exceeds the request's bound; the excess is not charged");
+    }
     let seller = if attempt.key.platform { None } else { Some(attempt.key.owner_id) };
-    record.charge = Some(reservation.finish(cost, seller));
+    record.charge = Some(reservation.finish(charged, seller).with_excess(cost - charged));
     METRICS.tokens.with_label_values(&[&model_label, "prompt"]).inc_by(prompt);
     METRICS.tokens.with_label_values(&[&model_label, "completion"]).inc_by(completion);
     METRICS.upstream_latency.with_label_values(&[&model_label]).observe(started.elapsed().as_secs_f64());

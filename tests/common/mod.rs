@@ -508,6 +508,15 @@ impl TestEnv {
         user["id"].as_i64().unwrap_or_else(|| panic!("user create printed no id: {user}"))
     }
 
+    /// `token-exchange migrate`: creates the schema in a process of its own. Tests whose first command is an
+    /// upsert (`price set`) call it first: on a fresh SQLite database the first `ON CONFLICT` upsert in the
+    /// process that ran the migrations fails about one time in four ("ON CONFLICT clause does not match any
+    /// PRIMARY KEY or UNIQUE constraint"; see `ledger_e2e::the_first_price_set_on_a_fresh_database_succeeds`).
+    pub async fn migrate(&self) {
+        let out = self.cli(&["migrate"], &[]).await;
+        assert_eq!(out["migrated"], true, "migrate printed {out}");
+    }
+
     /// `credits grant`; returns the wallet balance after.
     pub async fn grant(&self, username: &str, amount: i64) -> i64 {
         let amount = amount.to_string();
@@ -1224,28 +1233,32 @@ impl LedgerSnapshot {
 }
 
 impl TestEnv {
+    /// The ledger tables read in one transaction: a consistent picture even while a gateway writes (InnoDB's
+    /// REPEATABLE READ snapshot; SQLite's read transaction).
     pub async fn ledger_snapshot(&self) -> LedgerSnapshot {
-        use sea_orm::{EntityTrait, QueryOrder};
+        use sea_orm::{EntityTrait, QueryOrder, TransactionTrait};
         let db = self.db.connect().await;
+        let txn = db.begin().await.expect("begin a read transaction");
         let snapshot = LedgerSnapshot {
             accounts: accounts::Entity::find()
                 .order_by_asc(accounts::Column::Id)
-                .all(&db)
+                .all(&txn)
                 .await
                 .expect("read accounts"),
             entries: journal_entries::Entity::find()
                 .order_by_asc(journal_entries::Column::Id)
-                .all(&db)
+                .all(&txn)
                 .await
                 .expect("read journal_entries"),
             postings: postings::Entity::find()
                 .order_by_asc(postings::Column::Id)
-                .all(&db)
+                .all(&txn)
                 .await
                 .expect("read postings"),
-            holds: holds::Entity::find().order_by_asc(holds::Column::Id).all(&db).await.expect("read holds"),
-            escrows: escrows::Entity::find().order_by_asc(escrows::Column::Id).all(&db).await.expect("read escrows"),
+            holds: holds::Entity::find().order_by_asc(holds::Column::Id).all(&txn).await.expect("read holds"),
+            escrows: escrows::Entity::find().order_by_asc(escrows::Column::Id).all(&txn).await.expect("read escrows"),
         };
+        let _ = txn.rollback().await;
         let _ = db.close().await;
         snapshot
     }
@@ -1273,5 +1286,59 @@ impl TestEnv {
         let (code, report) = self.ledger_check_with(extra_env).await;
         assert_eq!((code, &report["ok"]), (0, &Value::Bool(true)), "ledger check: {report:#}");
         assert_eq!(report["violations"], json!([]), "ledger check: {report:#}");
+    }
+}
+
+// --- an upstream that ignores max_tokens ----------------------------------------------------------
+
+/// A provider that ignores `max_tokens`: every chat completion (non-stream) reports `completion_tokens`
+/// completion tokens and the mock's prompt count (a quarter of the body), whatever the request asked for.
+/// The shared mock honours the limit, so the overrun cases of docs/ledger.md need this one.
+pub struct OverrunUpstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OverrunUpstream {
+    pub async fn start(completion_tokens: u64) -> Self {
+        use axum::routing::post;
+        let handler = move |body: bytes::Bytes| async move {
+            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let prompt_tokens = body.len().div_ceil(4) as u64;
+            let content: String = (0..completion_tokens.min(64)).map(|i| format!("tok{i} ")).collect();
+            axum::Json(json!({
+                "id": "chatcmpl-overrun",
+                "object": "chat.completion",
+                "created": 1_700_000_000,
+                "model": request["model"],
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "length",
+                }],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }))
+        };
+        let app = axum::Router::new().route("/v1/chat/completions", post(handler));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the overrun upstream");
+        let addr = listener.local_addr().expect("its address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, task }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for OverrunUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
