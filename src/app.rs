@@ -51,10 +51,23 @@ pub fn app_runtime() -> Result<tokio::runtime::Runtime, AppError> {
 }
 
 /// Connects and applies migrations: every entry point that touches the database goes through here.
+///
+/// The migrations run on a connection of their own that is closed before the pool opens: an SQLite
+/// connection that loaded the schema before a migration changed it can prepare a statement against the
+/// old schema (e.g. an upsert whose unique index it does not know yet fails with "ON CONFLICT clause does
+/// not match any PRIMARY KEY or UNIQUE constraint").
 pub async fn open_database(config: &Config) -> Result<DatabaseConnection, AppError> {
-    let db = crate::db::connect(&config.database.url, config.database.max_connections).await?;
-    crate::db::migrate(&db).await?;
-    Ok(db)
+    let url = &config.database.url;
+    if crate::db::is_in_memory(url) {
+        // One connection that must stay open: it is the database.
+        let db = crate::db::connect(url, 1).await?;
+        crate::db::migrate(&db).await?;
+        return Ok(db);
+    }
+    let migrator = crate::db::connect(url, 1).await?;
+    crate::db::migrate(&migrator).await?;
+    migrator.close().await?;
+    Ok(crate::db::connect(url, config.database.max_connections).await?)
 }
 
 /// The master key comes from `TOKEX_MASTER_KEY`, else from the key file. Only on the embedded default is a

@@ -67,6 +67,11 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
     Database::connect(options).await
 }
 
+/// An SQLite database that lives only as long as its one connection.
+pub fn is_in_memory(url: &str) -> bool {
+    sqlite_path(url).is_some_and(is_sqlite_memory)
+}
+
 /// Brings the schema up to date.
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
     migration::Migrator::up(db, None).await

@@ -510,8 +510,8 @@ impl TestEnv {
 
     /// `token-exchange migrate`: creates the schema in a process of its own. Tests whose first command is an
     /// upsert (`price set`) call it first: on a fresh SQLite database the first `ON CONFLICT` upsert in the
-    /// process that ran the migrations fails about one time in four ("ON CONFLICT clause does not match any
-    /// PRIMARY KEY or UNIQUE constraint"; see `ledger_e2e::the_first_price_set_on_a_fresh_database_succeeds`).
+    /// process that ran the migrations sometimes fails ("ON CONFLICT clause does not match any PRIMARY KEY or
+    /// UNIQUE constraint"; see `ledger_e2e::the_first_price_set_on_a_fresh_database_succeeds`).
     pub async fn migrate(&self) {
         let out = self.cli(&["migrate"], &[]).await;
         assert_eq!(out["migrated"], true, "migrate printed {out}");
