@@ -7,8 +7,11 @@
 //! - `openai`: pure wire-format handling (request inspection/rewrite, SSE parsing, metering, token counts).
 //! - `pool`: the in-memory snapshot of buyer keys and routable seller keys, and its refresher.
 //! - `proxy`: the Pingora `ProxyHttp` service (thin hooks over plain functions).
-//! - `usage`: the batched, off-path usage-record writer.
-//! - `admin`: the admin REST API (axum); `accounts`: user and key management shared by the REST API and the CLI.
+//! - `usage`: the batched, off-path writer of usage records and their settlements.
+//! - `billing`: what requests cost and who pays: prices, a node's credit holds, per-request reservations.
+//! - `admin`: the admin REST API (axum); `accounts`: user and key management shared by the REST API and the CLI;
+//!   `ledger`: credits, prices and escrows, also shared by both (the money itself moves in `db::ledger`).
+//! - `ssrf`: which addresses a seller's base URL may reach.
 //! - `metrics`: every Prometheus metric, defined once.
 //! - `cli`: the admin commands of the binary; `telemetry`: logging.
 //! - `app`: wires config, database, services and listeners together.
@@ -27,7 +30,7 @@ pub mod metrics;
 pub mod openai;
 pub mod pool;
 pub mod proxy;
-
+pub mod ssrf;
 pub mod telemetry;
 pub mod usage;
 
