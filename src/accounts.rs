@@ -507,16 +507,31 @@ pub async fn rotate_master_key(db: &DatabaseConnection, keyring: &Keyring) -> Re
     Ok(report)
 }
 
-/// Validates and deposits a seller key, encrypted, with status active and its full declared balance.
+/// Refuses a base URL that reaches an internal address (see `crate::ssrf`).
+async fn check_upstream(policy: &crate::ssrf::UpstreamPolicy, base_url: &str) -> Result<(), AccountError> {
+    let uri: http::Uri = base_url.parse().map_err(|_| AccountError::invalid("base_url", "is not a valid URL"))?;
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+    match policy.resolve(host, port).await {
+        Err(e @ crate::ssrf::SsrfError::Forbidden { .. }) => Err(AccountError::invalid("base_url", e.to_string())),
+        _ => Ok(()),
+    }
+}
+
+/// Validates and deposits a seller key, encrypted, with status active and its full declared balance. A base
+/// URL whose host resolves to an internal address is refused unless `policy` allows it (an unresolvable
+/// host is left to the pool, which does not route it).
 pub async fn add_seller_key(
     db: &DatabaseConnection,
     keyring: &Keyring,
+    policy: &crate::ssrf::UpstreamPolicy,
     owner_id: i64,
     new: NewSellerKey,
 ) -> Result<hosted_keys::Model, AccountError> {
     validate_provider(&new.provider)?;
     let name = if new.name.trim().is_empty() { new.provider.clone() } else { validate_name("name", &new.name)? };
     let base_url = normalize_base_url(&new.base_url)?;
+    check_upstream(policy, &base_url).await?;
     let models = validate_models(&new.models)?;
     validate_api_key(&new.api_key)?;
     if new.declared_balance < 0 {
@@ -798,7 +813,7 @@ mod tests {
             let ring = keyring();
             let seller = create_user(db, "seller", "password1", &[Role::Seller]).await.unwrap();
             let other = create_user(db, "other", "password1", &[Role::Seller]).await.unwrap();
-            let key = add_seller_key(db, &ring, seller.id, seller_key()).await.unwrap();
+            let key = add_seller_key(db, &ring, &Default::default(), seller.id, seller_key()).await.unwrap();
             assert_eq!(key.base_url, "https://api.openai.com/v1");
             assert_eq!(key.models, "gpt-4o,gpt-4o-mini");
             assert_eq!(key.key_hint, "sk-...wxyz");
@@ -807,8 +822,15 @@ mod tests {
             let aad = hosted_key_aad(&key.uid);
             assert_eq!(ring.decrypt(&key.api_key_enc, &aad).unwrap().expose(), SELLER_SECRET);
 
-            let unnamed =
-                add_seller_key(db, &ring, seller.id, NewSellerKey { name: " ".into(), ..seller_key() }).await.unwrap();
+            let unnamed = add_seller_key(
+                db,
+                &ring,
+                &Default::default(),
+                seller.id,
+                NewSellerKey { name: " ".into(), ..seller_key() },
+            )
+            .await
+            .unwrap();
             assert_eq!(unnamed.name, "openai");
 
             assert!(matches!(get_seller_key(db, other.id, key.id).await, Err(AccountError::NotFound { .. })));
@@ -859,11 +881,14 @@ mod tests {
         for (new, field) in cases {
             let debug = format!("{new:?}");
             assert!(!debug.contains("SUPERSECRET"));
-            let err = add_seller_key(db, &ring, seller.id, new).await.unwrap_err();
+            let err = add_seller_key(db, &ring, &Default::default(), seller.id, new).await.unwrap_err();
             assert_eq!(field_of(&err), field);
             assert!(!err.to_string().contains("SUPERSECRET"), "{err}");
         }
-        assert!(matches!(add_seller_key(db, &ring, 999, seller_key()).await, Err(AccountError::NotFound { .. })));
+        assert!(matches!(
+            add_seller_key(db, &ring, &Default::default(), 999, seller_key()).await,
+            Err(AccountError::NotFound { .. })
+        ));
         assert!(list_all_keys(db).await.unwrap().is_empty());
     }
 }

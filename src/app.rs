@@ -157,6 +157,7 @@ pub fn serve(config: Config) -> Result<(), AppError> {
             keyring.clone(),
             shared_pool.clone(),
             Duration::from_millis(config.pool.dns_refresh_interval_ms),
+            config.upstream_policy(),
         );
         // The gateway never serves from an empty pool: the first load happens before any listener opens.
         refresher.refresh().await?;
@@ -189,6 +190,7 @@ pub fn serve(config: Config) -> Result<(), AppError> {
             refresh: refresh.clone(),
             session_ttl_ms: i64::try_from(config.admin.session_ttl_hours).unwrap_or(24).saturating_mul(3_600_000),
             ledger: config.ledger.clone(),
+            upstream_policy: Arc::new(config.upstream_policy()),
         };
 
         let background = vec![

@@ -159,6 +159,7 @@ pub fn seller_key(config: &Config, command: SellerKeyCommand) -> Result<(), AppE
         let key = accounts::add_seller_key(
             &db,
             &keyring,
+            &config.upstream_policy(),
             user.id,
             NewSellerKey {
                 name: add.name,

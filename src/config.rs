@@ -90,6 +90,9 @@ pub struct RedisConfig {
 pub struct SecurityConfig {
     /// File holding the base64 master key when `TOKEX_MASTER_KEY` is not set. Relative to `data_dir`.
     pub master_key_file: String,
+    /// Internal networks seller base URLs may reach nonetheless (comma-separated addresses or CIDR
+    /// networks, e.g. "127.0.0.0/8,::1" for a local mock). Empty: only public addresses.
+    pub upstream_allow: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -185,7 +188,7 @@ impl Default for DatabaseConfig {
 
 impl Default for SecurityConfig {
     fn default() -> Self {
-        Self { master_key_file: "master.key".into() }
+        Self { master_key_file: "master.key".into(), upstream_allow: String::new() }
     }
 }
 
@@ -303,6 +306,9 @@ impl Config {
                 return Err(ConfigError::Invalid { field, message: "must be greater than 0".into() });
             }
         }
+        if let Err(message) = crate::ssrf::UpstreamPolicy::parse(&self.security.upstream_allow) {
+            return Err(ConfigError::Invalid { field: "security.upstream_allow", message });
+        }
         if self.ledger.node_id.len() > 64 {
             return Err(ConfigError::Invalid { field: "ledger.node_id", message: "at most 64 characters".into() });
         }
@@ -332,6 +338,11 @@ impl Config {
 
     pub fn is_embedded_database(&self) -> bool {
         self.database.url.starts_with("sqlite:")
+    }
+
+    /// Where seller base URLs may point (validated at load, so this cannot fail afterwards).
+    pub fn upstream_policy(&self) -> crate::ssrf::UpstreamPolicy {
+        crate::ssrf::UpstreamPolicy::parse(&self.security.upstream_allow).unwrap_or_default()
     }
 
     pub fn master_key_path(&self) -> PathBuf {

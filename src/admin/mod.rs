@@ -44,6 +44,8 @@ pub struct AdminState {
     pub refresh: RefreshHandle,
     pub session_ttl_ms: i64,
     pub ledger: crate::config::LedgerConfig,
+    /// Where seller base URLs may point.
+    pub upstream_policy: Arc<crate::ssrf::UpstreamPolicy>,
 }
 
 pub fn router(state: AdminState) -> Router {

@@ -42,7 +42,7 @@ pub async fn create(
         api_key: req.api_key,
         declared_balance: req.declared_balance,
     };
-    let key = accounts::add_seller_key(&state.db, &state.keyring, user.id, new).await?;
+    let key = accounts::add_seller_key(&state.db, &state.keyring, &state.upstream_policy, user.id, new).await?;
     state.refresh.request_and_wait().await;
     Ok((StatusCode::CREATED, Json(SellerKeyView::from(&key))))
 }

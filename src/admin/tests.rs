@@ -42,6 +42,7 @@ impl Api {
             refresh: refresh.clone(),
             session_ttl_ms: 3_600_000,
             ledger: crate::config::LedgerConfig::default(),
+            upstream_policy: Default::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -48,11 +48,14 @@ fn parse_base_url(raw: &str) -> Result<BaseUrl, String> {
 pub struct HostResolver {
     ttl: Duration,
     cache: HashMap<(String, u16), (SocketAddr, Instant)>,
+    /// Addresses a seller's key may reach; checked on every resolution, so a DNS answer that turns
+    /// internal after the deposit makes the key unroutable.
+    policy: crate::ssrf::UpstreamPolicy,
 }
 
 impl HostResolver {
-    pub fn new(ttl: Duration) -> Self {
-        Self { ttl, cache: HashMap::new() }
+    pub fn new(ttl: Duration, policy: crate::ssrf::UpstreamPolicy) -> Self {
+        Self { ttl, cache: HashMap::new(), policy }
     }
 
     async fn resolve_all(&mut self, wanted: HashSet<(String, u16)>) -> HashMap<(String, u16), SocketAddr> {
@@ -62,12 +65,21 @@ impl HostResolver {
             let fresh = cached.filter(|(_, at)| at.elapsed() < self.ttl).map(|(addr, _)| addr);
             let addr = match fresh {
                 Some(addr) => Some(addr),
-                None => match resolve(&host, port).await {
-                    Some(addr) => {
+                None => match self.policy.resolve(&host, port).await {
+                    Ok(addr) => {
                         self.cache.insert((host.clone(), port), (addr, Instant::now()));
                         Some(addr)
                     }
-                    None => cached.map(|(addr, _)| addr),
+                    Err(e @ crate::ssrf::SsrfError::Forbidden { .. }) => {
+                        // Never the last good address: the host now points inside.
+                        tracing::warn!(error = %e, "a seller base URL is refused");
+                        self.cache.remove(&(host.clone(), port));
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot resolve seller base URL host");
+                        cached.map(|(addr, _)| addr)
+                    }
                 },
             };
             if let Some(addr) = addr {
@@ -75,23 +87,6 @@ impl HostResolver {
             }
         }
         out
-    }
-}
-
-async fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
-    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return Some(SocketAddr::new(ip, port));
-    }
-    match tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host((host, port))).await {
-        Ok(Ok(mut addrs)) => addrs.next(),
-        Ok(Err(e)) => {
-            tracing::warn!(host, error = %e, "cannot resolve seller base URL host");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(host, "resolving seller base URL host timed out");
-            None
-        }
     }
 }
 

@@ -30,8 +30,14 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    pub fn new(db: DatabaseConnection, keyring: Arc<Keyring>, pool: SharedPool, dns_ttl: Duration) -> Self {
-        Self { db, keyring, pool, resolver: HostResolver::new(dns_ttl) }
+    pub fn new(
+        db: DatabaseConnection,
+        keyring: Arc<Keyring>,
+        pool: SharedPool,
+        dns_ttl: Duration,
+        policy: crate::ssrf::UpstreamPolicy,
+    ) -> Self {
+        Self { db, keyring, pool, resolver: HostResolver::new(dns_ttl, policy) }
     }
 
     /// Loads and swaps in a new snapshot. On failure the previous snapshot stays in place: a database

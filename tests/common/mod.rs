@@ -381,6 +381,9 @@ fn usage_record(row: &QueryResult) -> UsageRecord {
     UsageRecord::from_query_result(row, "").unwrap_or_else(|e| panic!("read a usage_records row: {e}"))
 }
 
+/// What the harness allows seller keys to reach (`security.upstream_allow`).
+pub const LOOPBACK_ALLOWED: &str = "127.0.0.0/8,::1";
+
 /// Credits granted to every buyer the harness creates.
 pub const BUYER_GRANT: i64 = 1_000_000_000_000;
 /// The price of models priced by the harness: 1 credit per prompt token, 2 per completion token.
@@ -434,6 +437,8 @@ impl TestEnv {
             ("TOKEX_LOG".to_owned(), log_filter),
             // Pingora sleeps the whole grace period on SIGTERM even when idle; tests stop gateways often.
             ("TOKEX_GATEWAY_GRACE_PERIOD_SECS".to_owned(), "1".to_owned()),
+            // The mock upstreams listen on loopback, which seller keys may not reach by default.
+            ("TOKEX_SECURITY_UPSTREAM_ALLOW".to_owned(), LOOPBACK_ALLOWED.to_owned()),
         ]);
         Self { backend, mock, db, env, dir, gateways_started: AtomicU64::new(0) }
     }
