@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use http::StatusCode;
-use sea_orm::{DatabaseConnection, DbErr, SqlErr};
+use sea_orm::{DatabaseConnection, DbErr, SqlErr, TransactionTrait};
 use serde::{Deserialize, Serialize};
 
 use crate::credentials;
@@ -557,7 +557,20 @@ pub async fn add_seller_key(
         declared_balance: new.declared_balance,
         now_ms: crate::now_ms(),
     };
-    Ok(queries::hosted_keys::insert(db, row).await?)
+    let txn = db.begin().await?;
+    let key = queries::hosted_keys::insert(&txn, row).await?;
+    let event = queries::key_events::NewEvent {
+        hosted_key_id: key.id,
+        owner_id,
+        from_status: None,
+        to_status: status::ACTIVE,
+        reason: "deposited",
+        actor_id: Some(owner_id),
+        now_ms: key.created_at_ms,
+    };
+    queries::key_events::record(&txn, event).await?;
+    txn.commit().await?;
+    Ok(key)
 }
 
 pub async fn list_seller_keys(db: &DatabaseConnection, owner_id: i64) -> Result<Vec<hosted_keys::Model>, AccountError> {
@@ -596,8 +609,26 @@ pub async fn set_seller_key_paused(
     if key.status != from {
         return Err(conflict(&key.status));
     }
-    // Conditional on the status just read: a concurrent change (risk control flagging the key) wins.
-    if !queries::hosted_keys::transition_status(db, owner_id, key_id, from, to, crate::now_ms()).await? {
+    // Conditional on the status just read: a concurrent change (risk control flagging the key) wins. The
+    // change and its history entry are one transaction.
+    let now = crate::now_ms();
+    let txn = db.begin().await?;
+    let changed = queries::hosted_keys::transition_status(&txn, owner_id, key_id, from, to, now).await?;
+    if changed {
+        let reason = if paused { "paused by its seller" } else { "resumed by its seller" };
+        let event = queries::key_events::NewEvent {
+            hosted_key_id: key_id,
+            owner_id,
+            from_status: Some(from),
+            to_status: to,
+            reason,
+            actor_id: Some(owner_id),
+            now_ms: now,
+        };
+        queries::key_events::record(&txn, event).await?;
+    }
+    txn.commit().await?;
+    if !changed {
         let current = get_seller_key(db, owner_id, key_id).await?;
         if current.status == to {
             return Ok(current);
@@ -605,6 +636,16 @@ pub async fn set_seller_key_paused(
         return Err(conflict(&current.status));
     }
     get_seller_key(db, owner_id, key_id).await
+}
+
+/// A seller's key's status history, newest first (another seller's key is not found).
+pub async fn seller_key_events(
+    db: &DatabaseConnection,
+    owner_id: i64,
+    key_id: i64,
+) -> Result<Vec<queries::key_events::KeyEvent>, AccountError> {
+    get_seller_key(db, owner_id, key_id).await?;
+    Ok(queries::key_events::for_key(db, key_id, 500).await?)
 }
 
 pub async fn list_all_keys(db: &DatabaseConnection) -> Result<Vec<hosted_keys::Model>, AccountError> {

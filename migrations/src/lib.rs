@@ -6,12 +6,17 @@ pub use sea_orm_migration::prelude::*;
 mod columns;
 mod m20261124_000001_create_tables;
 mod m20261124_000002_ledger;
+mod m20261124_000003_key_events;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261124_000001_create_tables::Migration), Box::new(m20261124_000002_ledger::Migration)]
+        vec![
+            Box::new(m20261124_000001_create_tables::Migration),
+            Box::new(m20261124_000002_ledger::Migration),
+            Box::new(m20261124_000003_key_events::Migration),
+        ]
     }
 }

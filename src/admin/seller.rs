@@ -85,3 +85,49 @@ async fn set_paused(state: AdminState, owner_id: i64, id: i64, paused: bool) -> 
     state.refresh.request_and_wait().await;
     Ok(Json(SellerKeyView::from(&key)))
 }
+
+#[derive(Serialize)]
+pub struct KeyEventList {
+    pub events: Vec<crate::db::key_events::KeyEvent>,
+}
+
+/// The key's status history: every change with its reason and who made it (null: the platform).
+pub async fn events(
+    State(state): State<AdminState>,
+    SellerUser(user): SellerUser,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<KeyEventList>, ApiError> {
+    Ok(Json(KeyEventList { events: accounts::seller_key_events(&state.db, user.id, id).await? }))
+}
+
+#[derive(Serialize)]
+pub struct NotificationList {
+    pub notifications: Vec<crate::db::key_events::Notification>,
+}
+
+/// The caller's notifications, newest first (the last 200).
+pub async fn notifications(
+    State(state): State<AdminState>,
+    session: super::auth::Session,
+) -> Result<Json<NotificationList>, ApiError> {
+    let list = crate::db::key_events::notifications_of(&state.db, session.user.id, 200)
+        .await
+        .map_err(accounts::AccountError::from)?;
+    Ok(Json(NotificationList { notifications: list }))
+}
+
+/// Marks one of the caller's notifications read (again: no change); another user's is not found.
+pub async fn read_notification(
+    State(state): State<AdminState>,
+    session: super::auth::Session,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<StatusCode, ApiError> {
+    let found = crate::db::key_events::mark_read(&state.db, session.user.id, id, crate::now_ms())
+        .await
+        .map_err(accounts::AccountError::from)?;
+    if found {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(accounts::AccountError::NotFound { what: "notification" }.into())
+    }
+}

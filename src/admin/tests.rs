@@ -920,3 +920,65 @@ async fn the_ledger_check_runs_on_mariadb() {
     let check = api.get("/api/v1/admin/ledger/check", &admin).await;
     assert_eq!(check.json, json!({"ok": true, "violations": []}));
 }
+
+/// Every status change is in the key's history with its reason and actor; only the owner sees it; a
+/// change the owner did not make reaches them as a notification.
+#[tokio::test]
+async fn key_events_and_notifications_belong_to_the_owner() {
+    let api = Api::start().await;
+    let admin = api.login("admin", ADMIN_PASSWORD).await;
+    let seller = api.create_user(&admin, "seller1", &["seller"]).await;
+    let rival = api.create_user(&admin, "seller2", &["seller"]).await;
+    let created = api.call(Method::POST, "/api/v1/seller/keys", Some(&seller), Some(seller_key_body())).await;
+    let id = created.json["id"].as_i64().unwrap();
+    for action in ["pause", "resume"] {
+        let reply = api.call(Method::POST, &format!("/api/v1/seller/keys/{id}/{action}"), Some(&seller), None).await;
+        assert_eq!(reply.status, 200, "{}", reply.json);
+    }
+    let events = api.get(&format!("/api/v1/seller/keys/{id}/events"), &seller).await;
+    assert_eq!(events.status, 200, "{}", events.json);
+    let steps: Vec<(Value, Value, Value)> = events.json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["from_status"].clone(), e["to_status"].clone(), e["reason"].clone()))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            (json!("paused"), json!("active"), json!("resumed by its seller")),
+            (json!("active"), json!("paused"), json!("paused by its seller")),
+            (Value::Null, json!("active"), json!("deposited")),
+        ]
+    );
+    // Another seller can neither read the key's events nor pause it.
+    let theirs = api.call(Method::GET, &format!("/api/v1/seller/keys/{id}/events"), Some(&rival), None).await;
+    assert_error(&theirs, 404, "not_found");
+    let paused = api.call(Method::POST, &format!("/api/v1/seller/keys/{id}/pause"), Some(&rival), None).await;
+    assert_error(&paused, 404, "not_found");
+
+    // The owner's own changes make no notification; the platform's do.
+    assert_eq!(api.get("/api/v1/notifications", &seller).await.json["notifications"], json!([]));
+    let owner_id = accounts::find_user(&api.db.db, "seller1").await.unwrap().id;
+    let event = crate::db::key_events::NewEvent {
+        hosted_key_id: id,
+        owner_id,
+        from_status: Some("active"),
+        to_status: "flagged",
+        reason: "dilution: balance fell 40% more than metered use",
+        actor_id: None,
+        now_ms: 5,
+    };
+    crate::db::key_events::record(&api.db.db, event).await.unwrap();
+    let notes = api.get("/api/v1/notifications", &seller).await;
+    let note = &notes.json["notifications"][0];
+    assert_eq!((note["kind"].clone(), note["hosted_key_id"].as_i64()), (json!("key_status"), Some(id)));
+    assert!(note["message"].as_str().unwrap().contains("flagged"), "{note}");
+    assert_eq!(api.get("/api/v1/notifications", &rival).await.json["notifications"], json!([]));
+    let note_id = note["id"].as_i64().unwrap();
+    let read = api.call(Method::POST, &format!("/api/v1/notifications/{note_id}/read"), Some(&rival), None).await;
+    assert_error(&read, 404, "not_found");
+    let read = api.call(Method::POST, &format!("/api/v1/notifications/{note_id}/read"), Some(&seller), None).await;
+    assert_eq!(read.status, 204);
+    assert!(api.get("/api/v1/notifications", &seller).await.json["notifications"][0]["read_at_ms"].as_i64().is_some());
+}

@@ -5,6 +5,7 @@ pub mod buyer_keys;
 pub mod entities;
 pub mod funds;
 pub mod hosted_keys;
+pub mod key_events;
 pub mod ledger;
 pub mod prices;
 pub mod sessions;
