@@ -341,8 +341,11 @@ pub struct WalletView {
 }
 
 pub async fn wallet(db: &DatabaseConnection, user: &users::Model) -> Result<WalletView, FundsError> {
-    let wallet_account = crate::db::funds::wallet_account_id(db, user.id).await?;
-    let balance = core::wallet_balance(db, user.id).await?;
+    let wallet_account = core::find_wallet(db, user.id).await?;
+    let balance = match wallet_account {
+        Some(id) => core::balance(db, id).await?,
+        None => 0,
+    };
     let held_by_source = core::held_by_source(db, user.id).await?;
     let mut held = wallet_account.and_then(|id| held_by_source.get(&id).copied()).unwrap_or(0);
     let mut escrowed = 0;
@@ -536,17 +539,14 @@ pub struct Earnings {
 }
 
 pub async fn earnings(db: &DatabaseConnection, seller_id: i64) -> Result<Earnings, FundsError> {
-    let balance = core::wallet_balance(db, seller_id).await?;
-    let Some(wallet) = crate::db::funds::wallet_account_id(db, seller_id).await? else {
-        let by_key = crate::db::hosted_keys::list_for_owner(db, seller_id)
-            .await?
-            .into_iter()
-            .map(|k| KeyEarnings { hosted_key_id: Some(k.id), name: Some(k.name), requests: 0, earned: 0 })
-            .collect();
-        return Ok(Earnings { balance, earned_total: 0, by_key });
+    let (balance, earned_total, mut by_key) = match core::find_wallet(db, seller_id).await? {
+        Some(wallet) => (
+            core::balance(db, wallet).await?,
+            crate::db::funds::earned_total(db, wallet).await?,
+            crate::db::funds::earnings_by_key(db, wallet).await?,
+        ),
+        None => (0, 0, Vec::new()),
     };
-    let earned_total = crate::db::funds::earned_total(db, wallet).await?;
-    let mut by_key = crate::db::funds::earnings_by_key(db, wallet).await?;
     let listed: BTreeSet<i64> = by_key.iter().filter_map(|k| k.hosted_key_id).collect();
     for key in crate::db::hosted_keys::list_for_owner(db, seller_id).await? {
         if !listed.contains(&key.id) {

@@ -8,10 +8,9 @@ use sea_orm::{
 };
 
 use super::entities::{accounts, hosted_keys, postings, usage_records, users};
-use super::ledger::WALLET;
 
 /// `SUM` over BIGINT is DECIMAL on MySQL, which does not decode as an integer.
-fn sum(backend: DbBackend, expr: &str) -> String {
+pub(crate) fn sum(backend: DbBackend, expr: &str) -> String {
     match backend {
         DbBackend::MySql => format!("CAST(COALESCE(SUM({expr}), 0) AS SIGNED)"),
         _ => format!("CAST(COALESCE(SUM({expr}), 0) AS INTEGER)"),
@@ -22,18 +21,6 @@ fn statement(c: &impl ConnectionTrait, sql: String, values: Vec<Value>) -> State
     Statement::from_sql_and_values(c.get_database_backend(), sql, values)
 }
 
-pub async fn wallet_account_id(c: &impl ConnectionTrait, user_id: i64) -> Result<Option<i64>, DbErr> {
-    accounts::Entity::find()
-        .select_only()
-        .column(accounts::Column::Id)
-        .filter(accounts::Column::Kind.eq(WALLET))
-        .filter(accounts::Column::OwnerId.eq(user_id))
-        .filter(accounts::Column::RefId.eq(0))
-        .into_tuple::<i64>()
-        .one(c)
-        .await
-}
-
 /// Whether grant entry `entry_id` credited `amount` to the user's wallet (a retried grant, not a key
 /// reused for another grant).
 pub async fn grant_credits_wallet(
@@ -42,7 +29,7 @@ pub async fn grant_credits_wallet(
     user_id: i64,
     amount: i64,
 ) -> Result<bool, DbErr> {
-    let Some(wallet) = wallet_account_id(c, user_id).await? else { return Ok(false) };
+    let Some(wallet) = super::ledger::find_wallet(c, user_id).await? else { return Ok(false) };
     let n = postings::Entity::find()
         .filter(postings::Column::EntryId.eq(entry_id))
         .filter(postings::Column::AccountId.eq(wallet))
@@ -73,6 +60,7 @@ pub async fn hosted_key(c: &impl ConnectionTrait, key_id: i64) -> Result<Option<
 #[derive(Clone, Debug, PartialEq, Eq, FromQueryResult)]
 pub struct EscrowRow {
     pub id: i64,
+    pub buyer_id: i64,
     pub account_id: i64,
     pub model: Option<String>,
     pub hosted_key_id: Option<i64>,
@@ -84,7 +72,7 @@ pub struct EscrowRow {
     pub balance: i64,
 }
 
-const ESCROW_ROW: &str = "SELECT e.id AS id, e.account_id AS account_id, e.model AS model, \
+const ESCROW_ROW: &str = "SELECT e.id AS id, e.buyer_id AS buyer_id, e.account_id AS account_id, e.model AS model, \
     e.hosted_key_id AS hosted_key_id, e.amount AS amount, e.status AS status, e.expires_at_ms AS expires_at_ms, \
     e.created_at_ms AS created_at_ms, e.closed_at_ms AS closed_at_ms, a.balance AS balance \
     FROM escrows e JOIN accounts a ON a.id = e.account_id";
@@ -168,4 +156,34 @@ pub struct KeyEarnings {
     pub requests: i64,
     /// Credits earned through this key, refunds deducted.
     pub earned: i64,
+}
+
+/// Everything the gateway needs to know who can pay: (user, wallet_pays) for every user, (owner, account,
+/// balance) for every wallet, and the active escrows with their balances.
+pub struct FundingRows {
+    pub wallet_pays: Vec<(i64, bool)>,
+    pub wallets: Vec<(i64, i64, i64)>,
+    pub escrows: Vec<EscrowRow>,
+}
+
+pub async fn funding_rows(c: &impl ConnectionTrait) -> Result<FundingRows, DbErr> {
+    let wallet_pays = users::Entity::find()
+        .select_only()
+        .column(users::Column::Id)
+        .column(users::Column::WalletPays)
+        .into_tuple::<(i64, bool)>()
+        .all(c)
+        .await?;
+    let wallets = accounts::Entity::find()
+        .select_only()
+        .column(accounts::Column::OwnerId)
+        .column(accounts::Column::Id)
+        .column(accounts::Column::Balance)
+        .filter(accounts::Column::Kind.eq(super::ledger::WALLET))
+        .into_tuple::<(i64, i64, i64)>()
+        .all(c)
+        .await?;
+    let sql = format!("{ESCROW_ROW} WHERE e.status = 'active' ORDER BY e.expires_at_ms, e.id");
+    let escrows = EscrowRow::find_by_statement(statement(c, sql, Vec::new())).all(c).await?;
+    Ok(FundingRows { wallet_pays, wallets, escrows })
 }

@@ -186,9 +186,14 @@ async fn balance_for_update(txn: &DatabaseTransaction, account_id: i64) -> Resul
     balance(txn, account_id).await
 }
 
+/// The user's wallet account, if they ever had one (reading never creates it).
+pub async fn find_wallet(c: &impl ConnectionTrait, user_id: i64) -> Result<Option<i64>, DbErr> {
+    find_account(c, WALLET, user_id, 0).await
+}
+
 /// The wallet balance, 0 for a user who never had one.
 pub async fn wallet_balance(c: &impl ConnectionTrait, user_id: i64) -> Result<i64, DbErr> {
-    match find_account(c, WALLET, user_id, 0).await? {
+    match find_wallet(c, user_id).await? {
         Some(id) => balance(c, id).await,
         None => Ok(0),
     }
@@ -739,17 +744,16 @@ pub async fn find_hold(c: &impl ConnectionTrait, hold_id: i64) -> Result<Option<
 
 /// Credits held (open holds) per source account of a buyer.
 pub async fn held_by_source(c: &impl ConnectionTrait, buyer_id: i64) -> Result<BTreeMap<i64, i64>, DbErr> {
-    let open = holds::Entity::find()
-        .filter(holds::Column::BuyerId.eq(buyer_id))
-        .filter(holds::Column::Status.eq(HOLD_OPEN))
-        .all(c)
-        .await?;
-    let mut by_source = BTreeMap::new();
-    for hold in open {
-        let held = balance(c, hold.account_id).await?;
-        *by_source.entry(hold.source_account_id).or_insert(0) += held;
-    }
-    Ok(by_source)
+    let sql = format!(
+        "SELECT h.source_account_id AS a, {} AS b FROM holds h JOIN accounts a ON a.id = h.account_id \
+         WHERE h.buyer_id = ? AND h.status = 'open' GROUP BY h.source_account_id",
+        super::funds::sum(c.get_database_backend(), "a.balance")
+    );
+    let rows =
+        Row2::find_by_statement(Statement::from_sql_and_values(c.get_database_backend(), sql, [buyer_id.into()]))
+            .all(c)
+            .await?;
+    Ok(rows.into_iter().map(|r| (r.a, r.b.unwrap_or(0))).collect())
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -899,56 +903,6 @@ pub async fn refund_request(
 // ---------------------------------------------------------------------------------------------------------
 // Reading
 
-/// An active escrow with its balance, for the gateway's snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, sea_orm::FromQueryResult)]
-pub struct EscrowBalance {
-    pub id: i64,
-    pub buyer_id: i64,
-    pub account_id: i64,
-    pub model: Option<String>,
-    pub hosted_key_id: Option<i64>,
-    pub expires_at_ms: i64,
-    pub balance: i64,
-}
-
-/// Everything the gateway needs to know who can pay: (user, wallet_pays) for every user, (owner, account,
-/// balance) for every wallet, and the active escrows with their balances.
-pub struct FundingRows {
-    pub wallet_pays: Vec<(i64, bool)>,
-    pub wallets: Vec<(i64, i64, i64)>,
-    pub escrows: Vec<EscrowBalance>,
-}
-
-pub async fn funding_rows(c: &impl ConnectionTrait) -> Result<FundingRows, DbErr> {
-    use super::entities::users;
-    let wallet_pays = users::Entity::find()
-        .select_only()
-        .column(users::Column::Id)
-        .column(users::Column::WalletPays)
-        .into_tuple::<(i64, bool)>()
-        .all(c)
-        .await?;
-    let wallets = accounts::Entity::find()
-        .select_only()
-        .column(accounts::Column::OwnerId)
-        .column(accounts::Column::Id)
-        .column(accounts::Column::Balance)
-        .filter(accounts::Column::Kind.eq(WALLET))
-        .into_tuple::<(i64, i64, i64)>()
-        .all(c)
-        .await?;
-    let escrows = EscrowBalance::find_by_statement(Statement::from_string(
-        c.get_database_backend(),
-        "SELECT e.id AS id, e.buyer_id AS buyer_id, e.account_id AS account_id, e.model AS model, \
-         e.hosted_key_id AS hosted_key_id, e.expires_at_ms AS expires_at_ms, a.balance AS balance \
-         FROM escrows e JOIN accounts a ON a.id = e.account_id WHERE e.status = 'active' \
-         ORDER BY e.expires_at_ms, e.id",
-    ))
-    .all(c)
-    .await?;
-    Ok(FundingRows { wallet_pays, wallets, escrows })
-}
-
 /// One posting with its entry, for transaction listings.
 #[derive(Clone, Debug, PartialEq, Eq, sea_orm::FromQueryResult, serde::Serialize)]
 pub struct PostingView {
@@ -993,16 +947,6 @@ pub async fn postings_of(
         limit.min(1000)
     );
     PostingView::find_by_statement(Statement::from_sql_and_values(c.get_database_backend(), sql, values)).all(c).await
-}
-
-/// The accounts a user owns (wallet, escrows, holds).
-pub async fn accounts_of(c: &impl ConnectionTrait, user_id: i64) -> Result<Vec<accounts::Model>, DbErr> {
-    accounts::Entity::find()
-        .filter(accounts::Column::OwnerId.eq(user_id))
-        .filter(accounts::Column::Kind.is_in([WALLET, ESCROW, HOLD]))
-        .order_by_asc(accounts::Column::Id)
-        .all(c)
-        .await
 }
 
 use sea_orm::FromQueryResult;

@@ -107,7 +107,7 @@ pub async fn load_snapshot(
         .collect();
     let resolved = resolver.resolve_all(wanted).await;
     let prices = crate::db::prices::list(db).await?;
-    let funding = crate::db::ledger::funding_rows(db).await?;
+    let funding = crate::db::funds::funding_rows(db).await?;
     let (mut snapshot, report) = build_snapshot(hosted, buyers, keyring, &resolved, now);
     snapshot.prices = build_prices(prices);
     snapshot.funds = build_funds(funding);
@@ -127,7 +127,7 @@ fn build_prices(rows: Vec<crate::db::prices::Model>) -> HashMap<String, Price> {
         .collect()
 }
 
-fn build_funds(rows: crate::db::ledger::FundingRows) -> HashMap<i64, BuyerFunds> {
+fn build_funds(rows: crate::db::funds::FundingRows) -> HashMap<i64, BuyerFunds> {
     let mut funds: HashMap<i64, BuyerFunds> = HashMap::with_capacity(rows.wallet_pays.len());
     for (user_id, wallet_pays) in rows.wallet_pays {
         funds.entry(user_id).or_default().wallet_pays = wallet_pays;
