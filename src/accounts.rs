@@ -556,6 +556,12 @@ pub async fn add_seller_key(
         status: status::ACTIVE.to_string(),
         declared_balance: new.declared_balance,
         now_ms: crate::now_ms(),
+        pool: "seller".into(),
+        priority: 0,
+        max_concurrency: 0,
+        max_spend_per_day: 0,
+        balance_api: String::new(),
+        verified_at_ms: None,
     };
     let txn = db.begin().await?;
     let key = queries::hosted_keys::insert(&txn, row).await?;

@@ -182,6 +182,14 @@ pub fn serve(config: Config) -> Result<(), AppError> {
         close_previous_holds(&db, funds.node_id()).await?;
         let refresh = RefreshHandle::default();
 
+        let upstream_policy = Arc::new(config.upstream_policy());
+        let provider = Arc::new(
+            crate::provider::ProviderClient::new(
+                upstream_policy.clone(),
+                Duration::from_millis(config.risk.provider_timeout_ms),
+            )
+            .map_err(|e| AppError::Runtime(format!("provider client: {e}")))?,
+        );
         let admin_listener = bind(&config.admin.listen).await?;
         let metrics_listener = bind(&config.metrics.listen).await?;
         let admin_state = crate::admin::AdminState {
@@ -190,7 +198,9 @@ pub fn serve(config: Config) -> Result<(), AppError> {
             refresh: refresh.clone(),
             session_ttl_ms: i64::try_from(config.admin.session_ttl_hours).unwrap_or(24).saturating_mul(3_600_000),
             ledger: config.ledger.clone(),
-            upstream_policy: Arc::new(config.upstream_policy()),
+            upstream_policy: upstream_policy.clone(),
+            provider: provider.clone(),
+            risk: config.risk.clone(),
         };
 
         let background = vec![
@@ -210,6 +220,18 @@ pub fn serve(config: Config) -> Result<(), AppError> {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(serve_http(metrics_listener, metrics_router(), shutdown_rx.clone())),
+            tokio::spawn(crate::risk::run(
+                crate::risk::RiskContext {
+                    db: db.clone(),
+                    keyring: keyring.clone(),
+                    config: config.risk.clone(),
+                    provider: provider.clone(),
+                    refresh: refresh.clone(),
+                    // Until the routing health lands, this node reports nothing in flight.
+                    inflight: Arc::new(|_key_id| 0),
+                },
+                shutdown_rx.clone(),
+            )),
             tokio::spawn(crate::billing::maintenance(
                 db.clone(),
                 funds.clone(),

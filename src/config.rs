@@ -34,6 +34,8 @@ pub struct Config {
     pub pool: PoolConfig,
     pub usage: UsageConfig,
     pub ledger: LedgerConfig,
+    pub routing: RoutingConfig,
+    pub risk: RiskConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -135,6 +137,60 @@ pub struct LedgerConfig {
     pub maintenance_interval_ms: u64,
 }
 
+/// How keys are chosen: health moving averages, rate-limit cooldowns and circuit breakers (per node).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Weight of the newest observation in the success-rate and TTFT moving averages, per mille.
+    pub ewma_weight_permille: u32,
+    /// A key whose time to first token averages this long keeps half of its selection weight.
+    pub latency_reference_ms: u64,
+    /// Consecutive failed requests on one key that open its circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit stays open before one probe request may try the key (doubles after a
+    /// failed probe, up to `circuit_max_open_ms`).
+    pub circuit_open_ms: u64,
+    pub circuit_max_open_ms: u64,
+    /// Cooldown after a 429 without a usable Retry-After.
+    pub cooldown_default_ms: u64,
+    /// Longest Retry-After honoured.
+    pub cooldown_max_ms: u64,
+}
+
+/// Seller key verification and risk control: dilution, failure-rate and depletion checks, webhooks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RiskConfig {
+    /// Run the scheduled checks on this node (several nodes share them: each check is claimed by one).
+    pub enabled: bool,
+    /// Verify a deposited key against its provider (list models) and refuse what does not work.
+    pub verify_on_deposit: bool,
+    /// Each key's balance/dilution and failure-rate check runs this often.
+    pub check_interval_ms: u64,
+    /// A key is flagged when its provider balance fell by more than our metered use plus this share of it,
+    /// in basis points (1500 = 15 %).
+    pub dilution_threshold_bps: u32,
+    /// ...and by more than this many credits (provider rounding and reporting lag stay below it).
+    pub dilution_min_excess_credits: i64,
+    /// Failure share over a check window that pauses a key, in basis points.
+    pub failure_pause_bps: u32,
+    /// Attempts a window needs before its failure share counts.
+    pub failure_min_attempts: u32,
+    /// Keys paused by risk control (not by their seller) are verified again this often and resumed when
+    /// they work.
+    pub reverify_interval_ms: u64,
+    /// Timeout of calls to provider APIs (verification, balance) and webhooks.
+    pub provider_timeout_ms: u64,
+    /// Provider balances are converted to credits at these rates.
+    pub credits_per_usd: i64,
+    pub credits_per_cny: i64,
+    /// Attempts to deliver one notification to a webhook before giving up on it.
+    pub webhook_max_attempts: u32,
+    /// A balance window is judged this long after its reading, once the usage records of requests that
+    /// finished before it are written.
+    pub settle_delay_ms: u64,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -148,6 +204,42 @@ impl Default for Config {
             pool: PoolConfig::default(),
             usage: UsageConfig::default(),
             ledger: LedgerConfig::default(),
+            routing: RoutingConfig::default(),
+            risk: RiskConfig::default(),
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            ewma_weight_permille: 200,
+            latency_reference_ms: 2_000,
+            circuit_failures: 5,
+            circuit_open_ms: 30_000,
+            circuit_max_open_ms: 600_000,
+            cooldown_default_ms: 10_000,
+            cooldown_max_ms: 600_000,
+        }
+    }
+}
+
+impl Default for RiskConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            verify_on_deposit: true,
+            check_interval_ms: 300_000,
+            dilution_threshold_bps: 1_500,
+            dilution_min_excess_credits: 10_000,
+            failure_pause_bps: 8_000,
+            failure_min_attempts: 20,
+            reverify_interval_ms: 900_000,
+            provider_timeout_ms: 10_000,
+            credits_per_usd: 1_000_000,
+            credits_per_cny: 140_000,
+            webhook_max_attempts: 8,
+            settle_delay_ms: 5_000,
         }
     }
 }
@@ -300,6 +392,20 @@ impl Config {
             ("ledger.hold_stale_ms", self.ledger.hold_stale_ms),
             ("ledger.escrow_default_days", u64::from(self.ledger.escrow_default_days)),
             ("ledger.maintenance_interval_ms", self.ledger.maintenance_interval_ms),
+            ("routing.ewma_weight_permille", u64::from(self.routing.ewma_weight_permille)),
+            ("routing.latency_reference_ms", self.routing.latency_reference_ms),
+            ("routing.circuit_failures", u64::from(self.routing.circuit_failures)),
+            ("routing.circuit_open_ms", self.routing.circuit_open_ms),
+            ("routing.circuit_max_open_ms", self.routing.circuit_max_open_ms),
+            ("routing.cooldown_default_ms", self.routing.cooldown_default_ms),
+            ("routing.cooldown_max_ms", self.routing.cooldown_max_ms),
+            ("risk.check_interval_ms", self.risk.check_interval_ms),
+            ("risk.failure_min_attempts", u64::from(self.risk.failure_min_attempts)),
+            ("risk.reverify_interval_ms", self.risk.reverify_interval_ms),
+            ("risk.provider_timeout_ms", self.risk.provider_timeout_ms),
+            ("risk.credits_per_usd", u64::try_from(self.risk.credits_per_usd).unwrap_or(0)),
+            ("risk.credits_per_cny", u64::try_from(self.risk.credits_per_cny).unwrap_or(0)),
+            ("risk.webhook_max_attempts", u64::from(self.risk.webhook_max_attempts)),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -316,6 +422,30 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "ledger.platform_fee_bps",
                 message: "must be at most 10000 (100 %)".into(),
+            });
+        }
+        if self.routing.ewma_weight_permille > 1_000 {
+            return Err(ConfigError::Invalid {
+                field: "routing.ewma_weight_permille",
+                message: "must be at most 1000".into(),
+            });
+        }
+        if self.routing.circuit_max_open_ms < self.routing.circuit_open_ms {
+            return Err(ConfigError::Invalid {
+                field: "routing.circuit_max_open_ms",
+                message: "must be at least routing.circuit_open_ms".into(),
+            });
+        }
+        if self.risk.failure_pause_bps == 0 || self.risk.failure_pause_bps > 10_000 {
+            return Err(ConfigError::Invalid {
+                field: "risk.failure_pause_bps",
+                message: "must be between 1 and 10000".into(),
+            });
+        }
+        if self.risk.dilution_min_excess_credits < 0 {
+            return Err(ConfigError::Invalid {
+                field: "risk.dilution_min_excess_credits",
+                message: "must not be negative".into(),
             });
         }
         if self.ledger.hold_stale_ms <= self.ledger.hold_renew_ms {

@@ -11,7 +11,10 @@
 //! - `billing`: what requests cost and who pays: prices, a node's credit holds, per-request reservations.
 //! - `admin`: the admin REST API (axum); `accounts`: user and key management shared by the REST API and the CLI;
 //!   `ledger`: credits, prices and escrows, also shared by both (the money itself moves in `db::ledger`).
-//! - `ssrf`: which addresses a seller's base URL may reach.
+//! - `ssrf`: which addresses a seller's base URL may reach; `provider`: calls to providers off the request
+//!   path (key verification, balance readings, webhooks).
+//! - `health` (per node): each key's success/latency averages, cooldowns and circuit; `risk`: scheduled
+//!   checks (dilution, failure rate, depletion), re-verification, webhook delivery.
 //! - `metrics`: every Prometheus metric, defined once.
 //! - `cli`: the admin commands of the binary; `telemetry`: logging.
 //! - `app`: wires config, database, services and listeners together.
@@ -25,11 +28,14 @@ pub mod config;
 pub mod credentials;
 pub mod crypto;
 pub mod db;
+pub mod health;
 pub mod ledger;
 pub mod metrics;
 pub mod openai;
 pub mod pool;
+pub mod provider;
 pub mod proxy;
+pub mod risk;
 pub mod ssrf;
 pub mod telemetry;
 pub mod usage;

@@ -41,6 +41,20 @@ pub struct Metrics {
     pub insufficient_funds: IntCounter,
     /// Holds this node keeps open.
     pub holds_open: IntGauge,
+    /// Requests served by a platform fallback key, by model.
+    pub fallback_requests: IntCounterVec,
+    /// Keys put in rate-limit cooldown (429), by model.
+    pub key_cooldowns: IntCounterVec,
+    /// Circuit transitions on this node, by state entered (open|half_open|closed).
+    pub circuit_transitions: IntCounterVec,
+    /// Keys whose circuit is open or in cooldown on this node (not selectable now).
+    pub keys_unavailable: IntGauge,
+    /// Scheduled risk checks by kind (balance|failures|verify) and result.
+    pub risk_checks: IntCounterVec,
+    /// Status changes made by risk control, by status entered (paused|depleted|flagged|active).
+    pub risk_transitions: IntCounterVec,
+    /// Webhook deliveries by result (delivered|failed|abandoned).
+    pub webhook_deliveries: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
@@ -133,6 +147,47 @@ impl Metrics {
             )
             .expect("metric"),
             holds_open: register_int_gauge!("tokex_holds_open", "Credit holds this node keeps open").expect("metric"),
+            fallback_requests: register_int_counter_vec!(
+                "tokex_fallback_requests_total",
+                "Requests served by a platform fallback key, by model",
+                &["model"]
+            )
+            .expect("metric"),
+            key_cooldowns: register_int_counter_vec!(
+                "tokex_key_cooldowns_total",
+                "Seller keys put in rate-limit cooldown after a 429, by model",
+                &["model"]
+            )
+            .expect("metric"),
+            circuit_transitions: register_int_counter_vec!(
+                "tokex_circuit_transitions_total",
+                "Key circuit-breaker transitions on this node, by state entered",
+                &["state"]
+            )
+            .expect("metric"),
+            keys_unavailable: register_int_gauge!(
+                "tokex_keys_unavailable",
+                "Keys this node does not select now (circuit open or rate-limit cooldown)"
+            )
+            .expect("metric"),
+            risk_checks: register_int_counter_vec!(
+                "tokex_risk_checks_total",
+                "Scheduled seller-key checks by kind and result",
+                &["kind", "result"]
+            )
+            .expect("metric"),
+            risk_transitions: register_int_counter_vec!(
+                "tokex_risk_transitions_total",
+                "Seller-key status changes made by risk control, by status entered",
+                &["status"]
+            )
+            .expect("metric"),
+            webhook_deliveries: register_int_counter_vec!(
+                "tokex_webhook_deliveries_total",
+                "Notification deliveries to seller webhooks by result",
+                &["result"]
+            )
+            .expect("metric"),
         }
     }
 }

@@ -7,6 +7,7 @@ mod columns;
 mod m20261124_000001_create_tables;
 mod m20261124_000002_ledger;
 mod m20261124_000003_key_events;
+mod m20261124_000004_risk;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_create_tables::Migration),
             Box::new(m20261124_000002_ledger::Migration),
             Box::new(m20261124_000003_key_events::Migration),
+            Box::new(m20261124_000004_risk::Migration),
         ]
     }
 }

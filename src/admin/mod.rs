@@ -11,7 +11,9 @@ mod auth;
 mod buyer;
 mod credits;
 mod error;
+mod fallback;
 mod funds;
+mod risk;
 mod seller;
 mod users;
 mod views;
@@ -46,6 +48,9 @@ pub struct AdminState {
     pub ledger: crate::config::LedgerConfig,
     /// Where seller base URLs may point.
     pub upstream_policy: Arc<crate::ssrf::UpstreamPolicy>,
+    /// Provider API client (key verification, balance readings).
+    pub provider: Arc<crate::provider::ProviderClient>,
+    pub risk: crate::config::RiskConfig,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -79,6 +84,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/buyer/transactions", get(funds::buyer_transactions))
         .route("/api/v1/seller/earnings", get(funds::earnings))
         .route("/api/v1/seller/transactions", get(funds::seller_transactions))
+        .merge(risk::routes())
+        .merge(fallback::routes())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

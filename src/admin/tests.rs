@@ -43,6 +43,10 @@ impl Api {
             session_ttl_ms: 3_600_000,
             ledger: crate::config::LedgerConfig::default(),
             upstream_policy: Default::default(),
+            provider: Arc::new(
+                crate::provider::ProviderClient::new(Default::default(), std::time::Duration::from_secs(5)).unwrap(),
+            ),
+            risk: crate::config::RiskConfig::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

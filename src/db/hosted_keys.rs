@@ -21,6 +21,16 @@ pub struct NewHostedKey {
     pub status: String,
     pub declared_balance: i64,
     pub now_ms: i64,
+    /// `seller` or `platform` (a fallback key).
+    pub pool: String,
+    /// Fallback keys are tried in ascending priority.
+    pub priority: i64,
+    /// 0 = no cap.
+    pub max_concurrency: i64,
+    pub max_spend_per_day: i64,
+    /// Empty: derived from the provider.
+    pub balance_api: String,
+    pub verified_at_ms: Option<i64>,
 }
 
 pub async fn insert(db: &impl ConnectionTrait, new: NewHostedKey) -> Result<Model, DbErr> {
@@ -42,6 +52,19 @@ pub async fn insert(db: &impl ConnectionTrait, new: NewHostedKey) -> Result<Mode
         last_failure_at_ms: Set(None),
         created_at_ms: Set(new.now_ms),
         updated_at_ms: Set(new.now_ms),
+        pool: Set(new.pool),
+        priority: Set(new.priority),
+        max_concurrency: Set(new.max_concurrency),
+        max_spend_per_day: Set(new.max_spend_per_day),
+        spent_today: Set(0),
+        spend_day: Set(0),
+        balance_api: Set(new.balance_api),
+        verified_at_ms: Set(new.verified_at_ms),
+        next_check_at_ms: Set(0),
+        review: Set(String::new()),
+        status_cause: Set(String::new()),
+        checked_successes: Set(0),
+        checked_failures: Set(0),
         ..Default::default()
     }
     .insert(db)
@@ -73,8 +96,23 @@ pub async fn transition_status(
     to: &str,
     now_ms: i64,
 ) -> Result<bool, DbErr> {
+    transition_status_with_cause(db, owner_id, key_id, from, to, "", now_ms).await
+}
+
+/// [`transition_status`] that also records what caused the new status (`status_cause`: seller, admin,
+/// failures, verification, dilution, balance; empty for active).
+pub async fn transition_status_with_cause(
+    db: &impl ConnectionTrait,
+    owner_id: i64,
+    key_id: i64,
+    from: &str,
+    to: &str,
+    cause: &str,
+    now_ms: i64,
+) -> Result<bool, DbErr> {
     let result = Entity::update_many()
         .col_expr(Column::Status, Expr::value(to))
+        .col_expr(Column::StatusCause, Expr::value(cause))
         .col_expr(Column::UpdatedAtMs, Expr::value(now_ms))
         .filter(Column::Id.eq(key_id))
         .filter(Column::OwnerId.eq(owner_id))
@@ -136,12 +174,25 @@ where
         return Ok(());
     }
     outcomes.sort_by_key(|o| o.key_id);
+    let today = utc_day(crate::now_ms());
     let txn = db.begin().await?;
     for outcome in outcomes {
         let mut update = Entity::update_many()
             .col_expr(Column::SuccessCount, Expr::col(Column::SuccessCount).add(outcome.successes))
             .col_expr(Column::FailureCount, Expr::col(Column::FailureCount).add(outcome.failures))
             .col_expr(Column::RemainingBalance, Expr::col(Column::RemainingBalance).sub(outcome.spent));
+        if outcome.spent != 0 {
+            // spent_today before spend_day: MySQL evaluates SET assignments left to right with the values
+            // already assigned (SQLite uses the old row), so this order reads the old day on both.
+            update = update
+                .col_expr(
+                    Column::SpentToday,
+                    Expr::case(Expr::col(Column::SpendDay).eq(today), Expr::col(Column::SpentToday).add(outcome.spent))
+                        .finally(Expr::value(outcome.spent))
+                        .into(),
+                )
+                .col_expr(Column::SpendDay, Expr::value(today));
+        }
         if let Some(at) = outcome.last_used_at_ms {
             update = update.col_expr(Column::LastUsedAtMs, latest(Column::LastUsedAtMs, at));
         }
@@ -151,6 +202,11 @@ where
         update.filter(Column::Id.eq(outcome.key_id)).exec(&txn).await?;
     }
     txn.commit().await
+}
+
+/// Days since the Unix epoch (UTC) of a millisecond timestamp: the unit of the daily spend cap.
+pub fn utc_day(ms: i64) -> i64 {
+    ms.div_euclid(86_400_000)
 }
 
 /// `CASE WHEN col IS NULL OR col < at THEN at ELSE col END`: batches from several nodes may arrive out of
@@ -177,6 +233,12 @@ pub(crate) mod tests {
             status: "active".into(),
             declared_balance: 1_000,
             now_ms: 1,
+            pool: "seller".into(),
+            priority: 0,
+            max_concurrency: 0,
+            max_spend_per_day: 0,
+            balance_api: String::new(),
+            verified_at_ms: None,
         }
     }
 
@@ -225,6 +287,31 @@ pub(crate) mod tests {
             let b = find_for_owner(db, 1, b.id).await.unwrap().unwrap();
             assert_eq!((b.success_count, b.failure_count), (0, 2));
             assert_eq!((b.last_used_at_ms, b.last_failure_at_ms), (Some(50), Some(50)));
+            t.cleanup().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn spend_accumulates_per_utc_day() {
+        for t in TestDb::all().await {
+            let db = &t.db;
+            let a = insert(db, new_key(1, "uid-a")).await.unwrap();
+            let spend = |spent| KeyOutcome { spent, ..outcome(a.id, 1, 0, None, None) };
+            apply_outcomes(db, &[spend(30)]).await.unwrap();
+            apply_outcomes(db, &[spend(12)]).await.unwrap();
+            let row = find_for_owner(db, 1, a.id).await.unwrap().unwrap();
+            assert_eq!((row.spent_today, row.spend_day), (42, utc_day(crate::now_ms())), "{}", t.label);
+            assert_eq!(row.remaining_balance, 1_000 - 42);
+            // A new day starts from the day's first spend, whatever was spent the day before.
+            Entity::update_many()
+                .col_expr(Column::SpendDay, Expr::value(utc_day(crate::now_ms()) - 1))
+                .filter(Column::Id.eq(a.id))
+                .exec(db)
+                .await
+                .unwrap();
+            apply_outcomes(db, &[spend(5)]).await.unwrap();
+            let row = find_for_owner(db, 1, a.id).await.unwrap().unwrap();
+            assert_eq!((row.spent_today, row.spend_day), (5, utc_day(crate::now_ms())), "{}", t.label);
             t.cleanup().await;
         }
     }

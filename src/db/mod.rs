@@ -8,9 +8,11 @@ pub mod hosted_keys;
 pub mod key_events;
 pub mod ledger;
 pub mod prices;
+pub mod risk;
 pub mod sessions;
 pub mod usage_records;
 pub mod users;
+pub mod webhooks;
 
 #[cfg(test)]
 pub(crate) mod testing;

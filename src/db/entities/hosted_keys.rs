@@ -31,6 +31,27 @@ pub struct Model {
     /// seller | platform (platform keys earn the platform the whole price).
     pub pool: String,
     pub updated_at_ms: i64,
+    /// Platform (fallback) keys are tried in ascending priority.
+    pub priority: i64,
+    /// Seller caps; 0 = no cap. Concurrency is enforced per gateway node.
+    pub max_concurrency: i64,
+    /// Credits per UTC day.
+    pub max_spend_per_day: i64,
+    /// Credits settled on the key on `spend_day` (days since the Unix epoch, UTC).
+    pub spent_today: i64,
+    pub spend_day: i64,
+    /// Provider balance adapter; empty = derived from the provider name, `none` = no balance API.
+    pub balance_api: String,
+    pub verified_at_ms: Option<i64>,
+    /// The next risk check is due; a node claims a key's check by moving this forward.
+    pub next_check_at_ms: i64,
+    /// Admin review of a flagged key: '' | pending | confirmed.
+    pub review: String,
+    /// What put the key in its current status: seller | admin | failures | verification | dilution | balance.
+    pub status_cause: String,
+    /// The key's success/failure counts at its last risk check (the failure-rate window starts there).
+    pub checked_successes: i64,
+    pub checked_failures: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

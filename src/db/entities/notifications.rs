@@ -12,6 +12,11 @@ pub struct Model {
     pub message: String,
     pub created_at_ms: i64,
     pub read_at_ms: Option<i64>,
+    /// Webhook outbox: when the owner's webhook accepted it (None: not delivered, or no webhook).
+    #[serde(skip)]
+    pub delivered_at_ms: Option<i64>,
+    #[serde(skip)]
+    pub delivery_attempts: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

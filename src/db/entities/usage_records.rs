@@ -30,6 +30,8 @@ pub struct Model {
     pub unpaid_credits: i64,
     /// The hold the request was paid from.
     pub hold_id: Option<i64>,
+    /// Served by a platform fallback key.
+    pub fallback: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,0 +1,1 @@
+//! Queries of risk control (placeholder until the risk-control change lands).

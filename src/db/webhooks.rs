@@ -1,0 +1,1 @@
+//! Queries over `webhooks` (placeholder until the risk-control change lands).
