@@ -17,6 +17,7 @@ use crate::credentials;
 use crate::crypto::{self, Keyring, Secret};
 use crate::db as queries;
 use crate::db::entities::{buyer_keys, hosted_keys, users};
+use crate::provider::{BalanceApi, ProviderClient, ProviderError, VerifyError};
 
 pub const MIN_PASSWORD_CHARS: usize = 8;
 /// Argon2 accepts anything, but hashing a megabyte per login attempt is a cheap denial of service.
@@ -42,6 +43,10 @@ pub enum AccountError {
     Unauthorized,
     #[error("this action needs the {role} role")]
     Forbidden { role: Role },
+    /// The provider could not verify the key just now (overloaded, rate limiting, down): not the
+    /// caller's fault, and worth retrying later.
+    #[error("{message}")]
+    ProviderUnavailable { message: String },
     #[error("database error: {0}")]
     Db(#[from] DbErr),
     /// A failure that is not the caller's fault (hashing, encryption, a crashed worker thread).
@@ -57,6 +62,7 @@ impl AccountError {
             Self::Invalid { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::ProviderUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Db(_) | Self::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -68,6 +74,7 @@ impl AccountError {
             Self::Invalid { .. } => "invalid_request",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden { .. } => "forbidden",
+            Self::ProviderUnavailable { .. } => "provider_unavailable",
             Self::Db(_) => "database_error",
             Self::Internal { .. } => "internal_error",
         }
@@ -76,6 +83,12 @@ impl AccountError {
     /// Server-side failures are logged with their detail; client errors are not worth a log line.
     pub fn is_server_error(&self) -> bool {
         self.status().is_server_error()
+    }
+
+    /// Whether the message may be shown to the client although the status is a 5xx: it says what the
+    /// provider did and contains nothing of the server's internals.
+    pub fn message_is_public(&self) -> bool {
+        !self.is_server_error() || matches!(self, Self::ProviderUnavailable { .. })
     }
 
     fn invalid(field: &str, message: impl Into<String>) -> Self {
@@ -390,7 +403,8 @@ pub async fn revoke_buyer_key(
 
 // ---- seller keys ----
 
-/// A seller key to deposit. `Debug` never shows the API key.
+/// A seller key (or a platform fallback key) to deposit. `Debug` never shows the API key.
+#[derive(Default)]
 pub struct NewSellerKey {
     /// Empty: named after the provider.
     pub name: String,
@@ -399,6 +413,13 @@ pub struct NewSellerKey {
     pub models: Vec<String>,
     pub api_key: String,
     pub declared_balance: i64,
+    /// Requests the key may serve at once, per gateway node; 0 = no cap.
+    pub max_concurrency: i64,
+    /// Credits the key may earn per UTC day; 0 = no cap.
+    pub max_spend_per_day: i64,
+    /// The provider balance adapter (`crate::provider::BalanceApi` names); empty = derived from the
+    /// provider.
+    pub balance_api: String,
 }
 
 impl fmt::Debug for NewSellerKey {
@@ -409,8 +430,35 @@ impl fmt::Debug for NewSellerKey {
             .field("base_url", &self.base_url)
             .field("models", &self.models)
             .field("declared_balance", &self.declared_balance)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("max_spend_per_day", &self.max_spend_per_day)
+            .field("balance_api", &self.balance_api)
             .finish_non_exhaustive()
     }
+}
+
+/// What a seller may change on a deposited key (`None`: unchanged).
+#[derive(Clone, Debug, Default)]
+pub struct SellerKeyChanges {
+    pub name: Option<String>,
+    pub max_concurrency: Option<i64>,
+    pub max_spend_per_day: Option<i64>,
+    /// Empty: derived from the provider again.
+    pub balance_api: Option<String>,
+}
+
+/// Past this a cap is a typo, not a limit.
+const MAX_CONCURRENCY_CAP: i64 = 100_000;
+/// `hosted_keys.pool` of sellers' keys (`platform`: the fallback keys).
+pub const SELLER_POOL: &str = "seller";
+pub const PLATFORM_POOL: &str = "platform";
+
+/// What caused a key's current status (`hosted_keys.status_cause`).
+pub mod cause {
+    pub const SELLER: &str = "seller";
+    pub const ADMIN: &str = "admin";
+    /// Active keys have none.
+    pub const NONE: &str = "";
 }
 
 pub mod status {
@@ -518,16 +566,138 @@ async fn check_upstream(policy: &crate::ssrf::UpstreamPolicy, base_url: &str) ->
     }
 }
 
-/// Validates and deposits a seller key, encrypted, with status active and its full declared balance. A base
-/// URL whose host resolves to an internal address is refused unless `policy` allows it (an unresolvable
-/// host is left to the pool, which does not route it).
+fn validate_max_concurrency(cap: i64) -> Result<i64, AccountError> {
+    if !(0..=MAX_CONCURRENCY_CAP).contains(&cap) {
+        return Err(AccountError::invalid("max_concurrency", format!("0 (no cap) to {MAX_CONCURRENCY_CAP}")));
+    }
+    Ok(cap)
+}
+
+fn validate_max_spend_per_day(cap: i64) -> Result<i64, AccountError> {
+    if cap < 0 {
+        return Err(AccountError::invalid("max_spend_per_day", "credits per UTC day, 0 (no cap) or more"));
+    }
+    Ok(cap)
+}
+
+/// The stored form: empty (derive from the provider) or a known adapter name.
+fn validate_balance_api(name: &str) -> Result<String, AccountError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Ok(String::new());
+    }
+    match BalanceApi::parse(name) {
+        Some(api) => Ok(api.as_str().to_string()),
+        None => {
+            let known: Vec<&str> = BalanceApi::ALL.iter().map(|a| a.as_str()).collect();
+            Err(AccountError::invalid(
+                "balance_api",
+                format!("one of {} (empty: derived from the provider)", known.join(", ")),
+            ))
+        }
+    }
+}
+
+/// Says which field to fix when verification refuses a key. The provider's own words are kept (they never
+/// contain the key: the provider client scrubs it).
+fn verification_error(error: VerifyError) -> AccountError {
+    match error {
+        VerifyError::InvalidKey(message) => {
+            AccountError::invalid("api_key", format!("the provider rejected the API key: {message}"))
+        }
+        VerifyError::WrongBaseUrl(message) => AccountError::invalid("base_url", message),
+        VerifyError::ModelsNotServed(missing) => AccountError::invalid(
+            "models",
+            format!(
+                "the provider does not list {} for this key at <base_url>/models; declare only models the key \
+                 can serve",
+                missing.join(", ")
+            ),
+        ),
+        VerifyError::Provider(e) => match e {
+            ProviderError::Forbidden(message) => AccountError::invalid("base_url", message),
+            ProviderError::Redirect(to) => AccountError::invalid(
+                "base_url",
+                format!("the provider answered with a redirect to {to}; redirects are not followed, use the final URL"),
+            ),
+            ProviderError::Unreachable(message) => {
+                AccountError::invalid("base_url", format!("cannot reach the provider: {message}"))
+            }
+            e @ ProviderError::Status { .. } if e.is_transient() => {
+                AccountError::ProviderUnavailable { message: format!("the provider is unavailable, retry later ({e})") }
+            }
+            ProviderError::Status { status: 402, message } => {
+                AccountError::invalid("api_key", format!("the provider refused the key for payment (402): {message}"))
+            }
+            ProviderError::Status { status, message } => {
+                AccountError::invalid("base_url", format!("GET <base_url>/models answered {status}: {message}"))
+            }
+            ProviderError::BadResponse(message) => {
+                AccountError::invalid("base_url", format!("unexpected answer from the provider: {message}"))
+            }
+            e @ (ProviderError::Unsupported | ProviderError::InvalidRequest(_)) => {
+                AccountError::internal(e.to_string())
+            }
+        },
+    }
+}
+
+/// How a key enters the pool: a seller's deposit, or an admin's platform fallback key.
+struct Deposit {
+    owner_id: i64,
+    pool: &'static str,
+    priority: i64,
+}
+
+/// Validates and deposits a seller key, encrypted, with status active and its full declared balance, in
+/// the seller pool. A base URL whose host resolves to an internal address is refused unless `policy`
+/// allows it. With `verify` the key is first checked against its provider (`client`): an invalid key, a
+/// wrong base URL or a model the key cannot serve is refused with the field to fix, and the key is
+/// stored with `verified_at_ms`. Without it (providers without a models endpoint; operators only) an
+/// unresolvable host is left to the pool, which does not route it.
 pub async fn add_seller_key(
     db: &DatabaseConnection,
     keyring: &Keyring,
     policy: &crate::ssrf::UpstreamPolicy,
+    client: &ProviderClient,
+    verify: bool,
     owner_id: i64,
     new: NewSellerKey,
 ) -> Result<hosted_keys::Model, AccountError> {
+    let deposit = Deposit { owner_id, pool: SELLER_POOL, priority: 0 };
+    insert_key(db, keyring, policy, client, verify, deposit, new).await
+}
+
+/// [`add_seller_key`] for a platform fallback key: owned by the admin who adds it, in the platform pool,
+/// tried in ascending `priority` (0 or more) when no seller key can serve.
+#[allow(clippy::too_many_arguments)]
+pub async fn add_platform_key(
+    db: &DatabaseConnection,
+    keyring: &Keyring,
+    policy: &crate::ssrf::UpstreamPolicy,
+    client: &ProviderClient,
+    verify: bool,
+    admin_id: i64,
+    new: NewSellerKey,
+    priority: i64,
+) -> Result<hosted_keys::Model, AccountError> {
+    if priority < 0 {
+        return Err(AccountError::invalid("priority", "0 or more; lower is tried first"));
+    }
+    let deposit = Deposit { owner_id: admin_id, pool: PLATFORM_POOL, priority };
+    insert_key(db, keyring, policy, client, verify, deposit, new).await
+}
+
+async fn insert_key(
+    db: &DatabaseConnection,
+    keyring: &Keyring,
+    policy: &crate::ssrf::UpstreamPolicy,
+    client: &ProviderClient,
+    verify: bool,
+    deposit: Deposit,
+    new: NewSellerKey,
+) -> Result<hosted_keys::Model, AccountError> {
+    let owner_id = deposit.owner_id;
     validate_provider(&new.provider)?;
     let name = if new.name.trim().is_empty() { new.provider.clone() } else { validate_name("name", &new.name)? };
     let base_url = normalize_base_url(&new.base_url)?;
@@ -537,10 +707,20 @@ pub async fn add_seller_key(
     if new.declared_balance < 0 {
         return Err(AccountError::invalid("declared_balance", "must not be negative"));
     }
+    let max_concurrency = validate_max_concurrency(new.max_concurrency)?;
+    let max_spend_per_day = validate_max_spend_per_day(new.max_spend_per_day)?;
+    let balance_api = validate_balance_api(&new.balance_api)?;
     match queries::users::find_by_id(db, owner_id).await? {
         Some(user) if !user.disabled => {}
         _ => return Err(AccountError::NotFound { what: "user" }),
     }
+    // Last, after everything that can be checked locally: it costs a provider round trip.
+    let verified_at_ms = if verify {
+        client.verify(&base_url, &new.api_key, &models).await.map_err(verification_error)?;
+        Some(crate::now_ms())
+    } else {
+        None
+    };
     let uid = uuid::Uuid::now_v7().to_string();
     let api_key_enc =
         keyring.try_encrypt(&new.api_key, &hosted_key_aad(&uid)).map_err(|e| AccountError::internal(e.to_string()))?;
@@ -556,12 +736,12 @@ pub async fn add_seller_key(
         status: status::ACTIVE.to_string(),
         declared_balance: new.declared_balance,
         now_ms: crate::now_ms(),
-        pool: "seller".into(),
-        priority: 0,
-        max_concurrency: 0,
-        max_spend_per_day: 0,
-        balance_api: String::new(),
-        verified_at_ms: None,
+        pool: deposit.pool.into(),
+        priority: deposit.priority,
+        max_concurrency,
+        max_spend_per_day,
+        balance_api,
+        verified_at_ms,
     };
     let txn = db.begin().await?;
     let key = queries::hosted_keys::insert(&txn, row).await?;
@@ -579,11 +759,15 @@ pub async fn add_seller_key(
     Ok(key)
 }
 
+/// The seller's own keys (platform keys an admin added are not theirs, even when the admin sells too).
 pub async fn list_seller_keys(db: &DatabaseConnection, owner_id: i64) -> Result<Vec<hosted_keys::Model>, AccountError> {
-    Ok(queries::hosted_keys::list_for_owner(db, owner_id).await?)
+    let mut keys = queries::hosted_keys::list_for_owner(db, owner_id).await?;
+    keys.retain(|k| k.pool == SELLER_POOL);
+    Ok(keys)
 }
 
-/// One of the owner's keys; another owner's key is `NotFound`, exactly like a missing one.
+/// One of the owner's keys; another owner's key (or a platform key) is `NotFound`, exactly like a missing
+/// one.
 pub async fn get_seller_key(
     db: &DatabaseConnection,
     owner_id: i64,
@@ -591,12 +775,14 @@ pub async fn get_seller_key(
 ) -> Result<hosted_keys::Model, AccountError> {
     queries::hosted_keys::find_for_owner(db, owner_id, key_id)
         .await?
+        .filter(|k| k.pool == SELLER_POOL)
         .ok_or(AccountError::NotFound { what: "seller key" })
 }
 
 /// Pauses (active → paused) or resumes (paused → active) a key. Asking for the state the key is already
 /// in succeeds without a change, so retries are safe; a depleted or flagged key cannot be paused or
-/// resumed by its seller.
+/// resumed by its seller, nor a key that risk control paused (it resumes by itself once re-verification
+/// passes). The new status records its cause: `seller` when paused, none when active again.
 pub async fn set_seller_key_paused(
     db: &DatabaseConnection,
     owner_id: i64,
@@ -615,11 +801,21 @@ pub async fn set_seller_key_paused(
     if key.status != from {
         return Err(conflict(&key.status));
     }
+    if !paused && !matches!(key.status_cause.as_str(), cause::SELLER | cause::NONE) {
+        return Err(AccountError::Conflict {
+            message: format!(
+                "the key was paused by the platform ({}); it is resumed automatically once it verifies again",
+                key.status_cause
+            ),
+        });
+    }
     // Conditional on the status just read: a concurrent change (risk control flagging the key) wins. The
     // change and its history entry are one transaction.
     let now = crate::now_ms();
+    let new_cause = if paused { cause::SELLER } else { cause::NONE };
     let txn = db.begin().await?;
-    let changed = queries::hosted_keys::transition_status(&txn, owner_id, key_id, from, to, now).await?;
+    let changed =
+        queries::hosted_keys::transition_status_with_cause(&txn, owner_id, key_id, from, to, new_cause, now).await?;
     if changed {
         let reason = if paused { "paused by its seller" } else { "resumed by its seller" };
         let event = queries::key_events::NewEvent {
@@ -641,6 +837,49 @@ pub async fn set_seller_key_paused(
         }
         return Err(conflict(&current.status));
     }
+    get_seller_key(db, owner_id, key_id).await
+}
+
+/// Changes a seller's key's name, caps and balance adapter (another seller's key is not found). Status,
+/// URL, models and the API key itself are not editable: a different key is a new deposit.
+pub async fn update_seller_key(
+    db: &DatabaseConnection,
+    owner_id: i64,
+    key_id: i64,
+    changes: SellerKeyChanges,
+) -> Result<hosted_keys::Model, AccountError> {
+    use sea_orm::sea_query::Expr;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+
+    let name = changes.name.as_deref().map(|n| validate_name("name", n)).transpose()?;
+    let max_concurrency = changes.max_concurrency.map(validate_max_concurrency).transpose()?;
+    let max_spend_per_day = changes.max_spend_per_day.map(validate_max_spend_per_day).transpose()?;
+    let balance_api = changes.balance_api.as_deref().map(validate_balance_api).transpose()?;
+    get_seller_key(db, owner_id, key_id).await?;
+    let nothing = name.is_none() && max_concurrency.is_none() && max_spend_per_day.is_none() && balance_api.is_none();
+    if nothing {
+        return get_seller_key(db, owner_id, key_id).await;
+    }
+    let mut update =
+        hosted_keys::Entity::update_many().col_expr(hosted_keys::Column::UpdatedAtMs, Expr::value(crate::now_ms()));
+    if let Some(name) = name {
+        update = update.col_expr(hosted_keys::Column::Name, Expr::value(name));
+    }
+    if let Some(cap) = max_concurrency {
+        update = update.col_expr(hosted_keys::Column::MaxConcurrency, Expr::value(cap));
+    }
+    if let Some(cap) = max_spend_per_day {
+        update = update.col_expr(hosted_keys::Column::MaxSpendPerDay, Expr::value(cap));
+    }
+    if let Some(api) = balance_api {
+        update = update.col_expr(hosted_keys::Column::BalanceApi, Expr::value(api));
+    }
+    update
+        .filter(hosted_keys::Column::Id.eq(key_id))
+        .filter(hosted_keys::Column::OwnerId.eq(owner_id))
+        .filter(hosted_keys::Column::Pool.eq(SELLER_POOL))
+        .exec(db)
+        .await?;
     get_seller_key(db, owner_id, key_id).await
 }
 
@@ -669,6 +908,12 @@ mod tests {
         Keyring::new([9u8; 32], vec![])
     }
 
+    /// Never called by tests that pass `verify = false`; verification has its own tests (provider client,
+    /// tests/seller_key_verify.rs).
+    fn client() -> ProviderClient {
+        ProviderClient::new(Default::default(), std::time::Duration::from_secs(1)).unwrap()
+    }
+
     fn seller_key() -> NewSellerKey {
         NewSellerKey {
             name: "main".into(),
@@ -677,6 +922,7 @@ mod tests {
             models: vec!["gpt-4o".into(), "gpt-4o-mini".into(), "gpt-4o".into()],
             api_key: SELLER_SECRET.into(),
             declared_balance: 5_000,
+            ..Default::default()
         }
     }
 
@@ -695,6 +941,7 @@ mod tests {
             (AccountError::invalid("f", "m"), 400, "invalid_request"),
             (AccountError::Unauthorized, 401, "unauthorized"),
             (AccountError::Forbidden { role: Role::Admin }, 403, "forbidden"),
+            (AccountError::ProviderUnavailable { message: "m".into() }, 503, "provider_unavailable"),
             (AccountError::Db(DbErr::Custom("x".into())), 500, "database_error"),
             (AccountError::internal("x"), 500, "internal_error"),
         ];
@@ -860,7 +1107,9 @@ mod tests {
             let ring = keyring();
             let seller = create_user(db, "seller", "password1", &[Role::Seller]).await.unwrap();
             let other = create_user(db, "other", "password1", &[Role::Seller]).await.unwrap();
-            let key = add_seller_key(db, &ring, &Default::default(), seller.id, seller_key()).await.unwrap();
+            let key = add_seller_key(db, &ring, &Default::default(), &client(), false, seller.id, seller_key())
+                .await
+                .unwrap();
             assert_eq!(key.base_url, "https://api.openai.com/v1");
             assert_eq!(key.models, "gpt-4o,gpt-4o-mini");
             assert_eq!(key.key_hint, "sk-...wxyz");
@@ -873,6 +1122,8 @@ mod tests {
                 db,
                 &ring,
                 &Default::default(),
+                &client(),
+                false,
                 seller.id,
                 NewSellerKey { name: " ".into(), ..seller_key() },
             )
@@ -924,18 +1175,142 @@ mod tests {
             (NewSellerKey { api_key: String::new(), ..seller_key() }, "api_key"),
             (NewSellerKey { declared_balance: -1, ..seller_key() }, "declared_balance"),
             (NewSellerKey { name: "x".repeat(101), ..seller_key() }, "name"),
+            (NewSellerKey { max_concurrency: -1, ..seller_key() }, "max_concurrency"),
+            (NewSellerKey { max_concurrency: 100_001, ..seller_key() }, "max_concurrency"),
+            (NewSellerKey { max_spend_per_day: -5, ..seller_key() }, "max_spend_per_day"),
+            (NewSellerKey { balance_api: "coinbase".into(), ..seller_key() }, "balance_api"),
         ];
         for (new, field) in cases {
             let debug = format!("{new:?}");
             assert!(!debug.contains("SUPERSECRET"));
-            let err = add_seller_key(db, &ring, &Default::default(), seller.id, new).await.unwrap_err();
+            let err =
+                add_seller_key(db, &ring, &Default::default(), &client(), false, seller.id, new).await.unwrap_err();
             assert_eq!(field_of(&err), field);
             assert!(!err.to_string().contains("SUPERSECRET"), "{err}");
         }
         assert!(matches!(
-            add_seller_key(db, &ring, &Default::default(), 999, seller_key()).await,
+            add_seller_key(db, &ring, &Default::default(), &client(), false, 999, seller_key()).await,
             Err(AccountError::NotFound { .. })
         ));
         assert!(list_all_keys(db).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn caps_and_balance_api_are_stored_and_changed_by_the_owner_only() {
+        for t in TestDb::all().await {
+            let db = &t.db;
+            let ring = keyring();
+            let seller = create_user(db, "seller", "password1", &[Role::Seller]).await.unwrap();
+            let other = create_user(db, "other", "password1", &[Role::Seller]).await.unwrap();
+            let new = NewSellerKey {
+                max_concurrency: 4,
+                max_spend_per_day: 700,
+                balance_api: " deepseek ".into(),
+                ..seller_key()
+            };
+            let key = add_seller_key(db, &ring, &Default::default(), &client(), false, seller.id, new).await.unwrap();
+            assert_eq!((key.max_concurrency, key.max_spend_per_day), (4, 700));
+            assert_eq!((key.balance_api.as_str(), key.pool.as_str(), key.verified_at_ms), ("deepseek", "seller", None));
+
+            let changes = SellerKeyChanges {
+                name: Some(" renamed ".into()),
+                max_concurrency: Some(0),
+                max_spend_per_day: Some(50),
+                balance_api: Some(String::new()),
+            };
+            let not_theirs = update_seller_key(db, other.id, key.id, changes.clone()).await.unwrap_err();
+            assert!(matches!(not_theirs, AccountError::NotFound { .. }), "{not_theirs:?}");
+            let changed = update_seller_key(db, seller.id, key.id, changes).await.unwrap();
+            assert_eq!(changed.name, "renamed");
+            assert_eq!((changed.max_concurrency, changed.max_spend_per_day), (0, 50));
+            assert_eq!(changed.balance_api, "");
+            let unchanged = update_seller_key(db, seller.id, key.id, SellerKeyChanges::default()).await.unwrap();
+            assert_eq!(unchanged, changed);
+            for (changes, field) in [
+                (SellerKeyChanges { max_concurrency: Some(-1), ..Default::default() }, "max_concurrency"),
+                (SellerKeyChanges { max_spend_per_day: Some(-1), ..Default::default() }, "max_spend_per_day"),
+                (SellerKeyChanges { balance_api: Some("nope".into()), ..Default::default() }, "balance_api"),
+                (SellerKeyChanges { name: Some(" ".into()), ..Default::default() }, "name"),
+            ] {
+                assert_eq!(field_of(&update_seller_key(db, seller.id, key.id, changes).await.unwrap_err()), field);
+            }
+            t.cleanup().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn pausing_records_its_cause_and_platform_pauses_are_not_the_sellers_to_lift() {
+        let t = TestDb::sqlite().await;
+        let db = &t.db;
+        let ring = keyring();
+        let seller = create_user(db, "seller", "password1", &[Role::Seller]).await.unwrap();
+        let key =
+            add_seller_key(db, &ring, &Default::default(), &client(), false, seller.id, seller_key()).await.unwrap();
+        let paused = set_seller_key_paused(db, seller.id, key.id, true).await.unwrap();
+        assert_eq!((paused.status.as_str(), paused.status_cause.as_str()), ("paused", "seller"));
+        let resumed = set_seller_key_paused(db, seller.id, key.id, false).await.unwrap();
+        assert_eq!((resumed.status.as_str(), resumed.status_cause.as_str()), ("active", ""));
+
+        // Risk control pauses the key for its failures: the seller cannot lift that.
+        assert!(queries::hosted_keys::transition_status_with_cause(
+            db, seller.id, key.id, "active", "paused", "failures", 9
+        )
+        .await
+        .unwrap());
+        let err = set_seller_key_paused(db, seller.id, key.id, false).await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::CONFLICT);
+        assert!(err.to_string().contains("failures"), "{err}");
+        // Pausing it again changes nothing, and does not make the pause the seller's.
+        let still = set_seller_key_paused(db, seller.id, key.id, true).await.unwrap();
+        assert_eq!((still.status.as_str(), still.status_cause.as_str()), ("paused", "failures"));
+    }
+
+    #[tokio::test]
+    async fn platform_keys_are_the_admins_and_invisible_to_seller_endpoints() {
+        let t = TestDb::sqlite().await;
+        let db = &t.db;
+        let ring = keyring();
+        let admin = create_user(db, "ops", "password1", &[Role::Admin, Role::Seller]).await.unwrap();
+        let key = add_platform_key(db, &ring, &Default::default(), &client(), false, admin.id, seller_key(), 7)
+            .await
+            .unwrap();
+        assert_eq!((key.pool.as_str(), key.priority, key.owner_id), ("platform", 7, admin.id));
+        assert!(list_seller_keys(db, admin.id).await.unwrap().is_empty());
+        assert!(matches!(get_seller_key(db, admin.id, key.id).await, Err(AccountError::NotFound { .. })));
+        assert!(matches!(set_seller_key_paused(db, admin.id, key.id, true).await, Err(AccountError::NotFound { .. })));
+        let negative = add_platform_key(db, &ring, &Default::default(), &client(), false, admin.id, seller_key(), -1)
+            .await
+            .unwrap_err();
+        assert_eq!(field_of(&negative), "priority");
+    }
+
+    #[test]
+    fn verification_errors_name_the_field_to_fix() {
+        let field = |e: VerifyError| match verification_error(e) {
+            AccountError::Invalid { field, message } => (field, message),
+            other => (other.code().to_string(), other.to_string()),
+        };
+        let status = |status: u16| VerifyError::Provider(ProviderError::Status { status, message: "m".into() });
+        assert_eq!(field(VerifyError::InvalidKey("bad".into())).0, "api_key");
+        assert_eq!(field(VerifyError::WrongBaseUrl("404".into())).0, "base_url");
+        let (f, message) = field(VerifyError::ModelsNotServed(vec!["gpt-9-unknown".into(), "o9".into()]));
+        assert_eq!(f, "models");
+        assert!(message.contains("gpt-9-unknown, o9"), "{message}");
+        let (f, message) = field(VerifyError::Provider(ProviderError::Redirect("https://x/v1".into())));
+        assert_eq!(f, "base_url");
+        assert!(message.contains("redirect"), "{message}");
+        assert_eq!(field(VerifyError::Provider(ProviderError::Unreachable("refused".into()))).0, "base_url");
+        assert_eq!(field(VerifyError::Provider(ProviderError::Forbidden("internal".into()))).0, "base_url");
+        assert_eq!(field(VerifyError::Provider(ProviderError::BadResponse("x".into()))).0, "base_url");
+        assert_eq!(field(status(402)).0, "api_key");
+        assert_eq!(field(status(400)).0, "base_url");
+        for transient in [429, 500, 502, 503] {
+            let e = verification_error(status(transient));
+            assert_eq!((e.status().as_u16(), e.code()), (503, "provider_unavailable"));
+            assert!(e.to_string().contains("retry later"), "{e}");
+            assert!(e.message_is_public());
+        }
+        assert!(!AccountError::internal("x").message_is_public());
+        assert!(AccountError::invalid("f", "m").message_is_public());
     }
 }

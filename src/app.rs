@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::crypto::{self, Keyring};
+use crate::health::HealthRegistry;
 use crate::pool::{self, RefreshHandle, Refresher, RefresherConfig};
 use crate::proxy::{Gateway, GatewaySettings};
 
@@ -152,12 +153,15 @@ pub fn serve(config: Config) -> Result<(), AppError> {
         }
 
         let shared_pool = pool::empty_shared_pool();
+        // One per node, for the node's lifetime: every snapshot's keys share their health through it.
+        let health = Arc::new(HealthRegistry::new(&config.routing));
         let mut refresher = Refresher::new(
             db.clone(),
             keyring.clone(),
             shared_pool.clone(),
             Duration::from_millis(config.pool.dns_refresh_interval_ms),
             config.upstream_policy(),
+            health.clone(),
         );
         // The gateway never serves from an empty pool: the first load happens before any listener opens.
         refresher.refresh().await?;
@@ -227,11 +231,14 @@ pub fn serve(config: Config) -> Result<(), AppError> {
                     config: config.risk.clone(),
                     provider: provider.clone(),
                     refresh: refresh.clone(),
-                    // Until the routing health lands, this node reports nothing in flight.
-                    inflight: Arc::new(|_key_id| 0),
+                    inflight: {
+                        let health = health.clone();
+                        Arc::new(move |key_id| health.inflight_credits(key_id))
+                    },
                 },
                 shutdown_rx.clone(),
             )),
+            tokio::spawn(health.clone().run_gauge(shutdown_rx.clone())),
             tokio::spawn(crate::billing::maintenance(
                 db.clone(),
                 funds.clone(),
@@ -241,8 +248,13 @@ pub fn serve(config: Config) -> Result<(), AppError> {
                 shutdown_rx.clone(),
             )),
         ];
-        let gateway =
-            Gateway::new(shared_pool, usage_sink.clone(), funds.clone(), GatewaySettings::from_config(&config.gateway));
+        let gateway = Gateway::new(
+            shared_pool,
+            usage_sink.clone(),
+            funds.clone(),
+            health,
+            GatewaySettings::from_config(&config.gateway),
+        );
         Ok::<_, AppError>((gateway, background, funds, usage_sink))
     })?;
 

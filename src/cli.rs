@@ -1,6 +1,9 @@
 //! Admin commands for newcomers and scripts: the same operations as the admin REST API, without it.
 //! Each prints one JSON line on stdout; secrets shown once (a new buyer key) appear only there.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -8,6 +11,7 @@ use crate::accounts::{self, NewSellerKey, Role};
 use crate::app::{app_runtime, load_keyring, open_database, AppError};
 use crate::config::Config;
 use crate::ledger::{self, FundsError};
+use crate::provider::ProviderClient;
 
 #[derive(Subcommand)]
 pub enum UserCommand {
@@ -42,7 +46,9 @@ pub enum BuyerKeyCommand {
 
 #[derive(Subcommand)]
 pub enum SellerKeyCommand {
-    /// Deposit a seller key into the pool.
+    /// Deposit a seller key into the pool. The key is verified against its provider first (its models
+    /// listed at <base-url>/models, every declared model among them) unless risk.verify_on_deposit is off
+    /// or --skip-verify is given.
     Add(SellerKeyAdd),
 }
 
@@ -67,6 +73,22 @@ pub struct SellerKeyAdd {
     /// Balance the seller declares for this key, in credits.
     #[arg(long, default_value_t = 0)]
     declared_balance: i64,
+    /// Requests the key may serve at once, per gateway node (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    max_concurrency: i64,
+    /// Credits the key may earn per UTC day (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    max_spend_per_day: i64,
+    /// Provider balance API used by the dilution check: deepseek, openrouter, moonshot, siliconflow,
+    /// openai_credit_grants or none (default: derived from --provider).
+    #[arg(long, default_value = "")]
+    balance_api: String,
+    /// Deposit without verifying the key against its provider (GET <base-url>/models). For operators
+    /// whose provider has no models endpoint: the key, base URL and models are then taken on trust, and a
+    /// broken key is found only by the gateway's failure checks. Ignored (nothing to skip) when
+    /// risk.verify_on_deposit is off.
+    #[arg(long)]
+    skip_verify: bool,
 }
 
 #[derive(Subcommand)]
@@ -156,10 +178,17 @@ pub fn seller_key(config: &Config, command: SellerKeyCommand) -> Result<(), AppE
         let db = open_database(config).await?;
         let keyring = load_keyring(config)?;
         let user = accounts::find_user(&db, &add.username).await?;
+        let policy = config.upstream_policy();
+        let client =
+            ProviderClient::new(Arc::new(policy.clone()), Duration::from_millis(config.risk.provider_timeout_ms))
+                .map_err(|e| AppError::Runtime(format!("provider client: {e}")))?;
+        let verify = config.risk.verify_on_deposit && !add.skip_verify;
         let key = accounts::add_seller_key(
             &db,
             &keyring,
-            &config.upstream_policy(),
+            &policy,
+            &client,
+            verify,
             user.id,
             NewSellerKey {
                 name: add.name,
@@ -168,10 +197,13 @@ pub fn seller_key(config: &Config, command: SellerKeyCommand) -> Result<(), AppE
                 models: add.models,
                 api_key: add.api_key,
                 declared_balance: add.declared_balance,
+                max_concurrency: add.max_concurrency,
+                max_spend_per_day: add.max_spend_per_day,
+                balance_api: add.balance_api,
             },
         )
         .await?;
-        emit(&json!({"id": key.id, "key_hint": key.key_hint}));
+        emit(&json!({"id": key.id, "key_hint": key.key_hint, "verified_at_ms": key.verified_at_ms}));
         Ok(())
     })
 }

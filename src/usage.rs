@@ -46,6 +46,8 @@ pub struct UsageRecord {
     pub key_attempts: Vec<(i64, bool)>,
     /// What the request owes and where it is paid from (None: nothing was reserved).
     pub charge: Option<Charge>,
+    /// Served by a platform fallback key (no seller key could serve it).
+    pub fallback: bool,
 }
 
 /// What the writer is asked to do, in queue order.
@@ -353,6 +355,7 @@ fn to_row(r: &UsageRecord, unpaid: i64) -> usage_records::ActiveModel {
         cost_credits: Set(r.charge.as_ref().map_or(0, |c| c.cost.saturating_add(c.excess))),
         unpaid_credits: Set(unpaid),
         hold_id: Set(r.charge.as_ref().map(|c| c.hold_id)),
+        fallback: Set(r.fallback),
         ..Default::default()
     }
 }
@@ -383,6 +386,7 @@ mod tests {
             created_at_ms: at,
             key_attempts: attempts,
             charge: None,
+            fallback: false,
         }
     }
 
@@ -402,5 +406,13 @@ mod tests {
             Some(Charge { hold_id: 1, hold_account_id: 1, source_account_id: 1, cost: 7, seller_id: None, excess: 0 });
         let outcomes = key_outcomes(&[paid]);
         assert_eq!((outcomes[0].spent, outcomes[1].spent), (0, 7));
+    }
+
+    #[test]
+    fn rows_say_whether_the_fallback_pool_served() {
+        let mut served = record("f", vec![(9, true)], 1);
+        assert_eq!(to_row(&served, 0).fallback, Set(false));
+        served.fallback = true;
+        assert_eq!(to_row(&served, 0).fallback, Set(true));
     }
 }

@@ -27,7 +27,8 @@ async fn connection_refused_fails_over(backend: Backend) {
     let dead_url = format!("http://127.0.0.1:{}/v1", free_port());
     let dead = env.add_seller_key_at("seller", &dead_url, "sk-mock-dead-1111", &[MODEL], 1_000_000_000).await;
     let good = env.add_seller_key("seller", "sk-mock-good-2222", &[MODEL], 1).await;
-    let gateway = env.start_gateway().await;
+    // Every request must try the dead key first: keep its circuit closed.
+    let gateway = env.start_gateway_with(&[("TOKEX_ROUTING_CIRCUIT_FAILURES", "100")]).await;
 
     for i in 0..REQUESTS {
         let reply = gateway.chat(&buyer.key, MODEL, 3, i % 2 == 0).await;

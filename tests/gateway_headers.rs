@@ -33,8 +33,13 @@ const ACCOUNT_HEADERS: [(&str, &str); 7] = [
 
 async fn answer(
     axum::extract::State(seen): axum::extract::State<Seen>,
+    method: axum::http::Method,
     headers: HeaderMap,
 ) -> axum::response::Response {
+    if method == axum::http::Method::GET {
+        // Risk control reads the key's provider balance: not the proxied request under test.
+        return axum::http::StatusCode::NOT_FOUND.into_response();
+    }
     seen.lock().unwrap().push(headers);
     let body = r#"{"id":"c","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
     (ACCOUNT_HEADERS, body).into_response()

@@ -403,10 +403,13 @@ async fn records_requests_with_body_hash_and_counts() {
         .send()
         .await;
     assert!(hung.is_err(), "hang must not answer");
+    // Model listings are verification, not traffic: listed apart.
     assert_eq!(
         mock.http.get(mock.url("/v1/models")).bearer_auth("sk-mock-big").send().await.expect("send").status(),
         200
     );
+    let unknown = mock.post("/v1/nope", "sk-mock-big", &json!({})).await;
+    assert_eq!(unknown.status(), 404);
 
     let recorded = mock.get_json("/_mock/requests").await;
     let recorded = recorded.as_array().expect("array");
@@ -426,8 +429,12 @@ async fn records_requests_with_body_hash_and_counts() {
     assert_eq!(recorded[1]["stream"], Value::Null);
     assert_eq!(recorded[2]["path"], "/v1/embeddings");
     assert_eq!(recorded[2]["include_usage"], Value::Null);
-    assert_eq!(recorded[3]["method"], "GET");
+    assert_eq!(recorded[3]["path"], "/v1/nope");
     assert_eq!(recorded[3]["model"], Value::Null);
+    assert_eq!(
+        mock.get_json("/_mock/probes").await,
+        json!([{ "method": "GET", "path": "/v1/models", "api_key": "sk-mock-big" }])
+    );
 
     assert_eq!(
         mock.get_json("/_mock/counts").await,
@@ -519,4 +526,245 @@ async fn sigterm_exits_cleanly_even_with_a_hanging_request() {
     assert!(status.success(), "{status:?}");
     let answer = hung.await.expect("join").expect("hung request is answered at shutdown");
     assert_eq!(answer.status(), 503);
+}
+
+/// Millionths as the mock writes JSON numbers: at least one fractional digit, no trailing zeros.
+fn decimal_text(micros: i64) -> String {
+    let fraction = format!("{:06}", micros % 1_000_000);
+    let fraction = fraction.trim_end_matches('0');
+    format!("{}.{}", micros / 1_000_000, if fraction.is_empty() { "0" } else { fraction })
+}
+
+async fn list_models(mock: &MockUpstream, api_key: &str) -> reqwest::Response {
+    mock.http.get(mock.url("/v1/models")).bearer_auth(api_key).send().await.expect("send")
+}
+
+#[tokio::test]
+async fn models_list_every_test_model_and_only_invalid_keys_are_refused() {
+    let mock = MockUpstream::spawn();
+    let models: Value = list_models(&mock, "sk-mock-abc").await.json().await.expect("json");
+    let ids: Vec<&str> = models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
+    for model in ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "o3-mini", "gpt-4o-audio-preview", "text-embedding-3-small"]
+    {
+        assert!(ids.contains(&model), "{model} is not listed: {ids:?}");
+    }
+    assert!(!ids.contains(&"gpt-9-unknown"), "the unservable model is listed");
+
+    // Keys deposited to fail later must still verify.
+    for key in
+        ["sk-mock-fail401-a", "sk-mock-fail429-retry2-a", "sk-mock-fail500-a", "sk-mock-hang-a", "sk-mock-drop-a"]
+    {
+        assert_eq!(list_models(&mock, key).await.status(), 200, "{key}");
+    }
+    let invalid = list_models(&mock, "sk-mock-invalid-0123456789").await;
+    assert_eq!(invalid.status(), 401);
+    let body: Value = invalid.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    assert!(!body.to_string().contains("sk-mock-invalid-0123456789"), "{body}");
+    // `invalid` only as a whole token.
+    assert_eq!(list_models(&mock, "sk-mock-invalidity-1").await.status(), 200);
+    let chat = mock.chat("sk-mock-invalid-0123456789", &json!({ "model": "gpt-4o-mini" })).await;
+    assert_eq!(chat.status(), 401);
+}
+
+#[tokio::test]
+async fn redirect_keys_get_307_on_every_v1_path() {
+    let mock = MockUpstream::spawn();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let key = "sk-mock-redirect-0123";
+    let models = http.get(mock.url("/v1/models")).bearer_auth(key).send().await.expect("send");
+    assert_eq!(models.status(), 307);
+    assert_eq!(models.headers()["location"], "/moved/v1/models");
+    let chat = http
+        .post(mock.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({ "model": "gpt-4o-mini" }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(chat.status(), 307);
+    assert_eq!(chat.headers()["location"], "/moved/v1/chat/completions");
+    let credits = http.get(mock.url("/v1/credits")).bearer_auth(key).send().await.expect("send");
+    assert_eq!(credits.status(), 307);
+}
+
+#[tokio::test]
+async fn retry_token_sets_retry_after() {
+    let mock = MockUpstream::spawn();
+    let limited = mock.chat("sk-mock-fail429-retry7-abc", &json!({ "model": "m" })).await;
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.headers()["retry-after"], "7");
+    let embedding = json!({ "model": "text-embedding-3-small", "input": "x" });
+    let limited = mock.post("/v1/embeddings", "sk-mock-retry0-fail429-abc", &embedding).await;
+    assert_eq!(limited.headers()["retry-after"], "0");
+    let default = mock.chat("sk-mock-fail429-retryx-abc", &json!({ "model": "m" })).await;
+    assert_eq!(default.headers()["retry-after"], "1");
+}
+
+impl MockUpstream {
+    async fn get_with_key(&self, path: &str, api_key: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).bearer_auth(api_key).send().await.expect("send")
+    }
+
+    async fn balance_body(&self, path: &str, api_key: &str) -> String {
+        let response = self.get_with_key(path, api_key).await;
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(response.headers()["content-type"], "application/json");
+        response.text().await.expect("body")
+    }
+
+    async fn put_account(&self, api_key: &str, body: &Value) -> reqwest::Response {
+        self.http.put(self.url(&format!("/_mock/balance/{api_key}"))).json(body).send().await.expect("send")
+    }
+}
+
+#[tokio::test]
+async fn balance_endpoints_answer_in_each_providers_format() {
+    let mock = MockUpstream::spawn();
+    // No account: a fixed 100 USD.
+    let key = "sk-mock-plain-1";
+    assert_eq!(
+        mock.balance_body("/dashboard/billing/credit_grants", key).await,
+        r#"{"object":"credit_summary","total_granted":100.0,"total_used":0.0,"total_available":100.0}"#
+    );
+    assert_eq!(mock.balance_body("/v1/credits", key).await, r#"{"data":{"total_credits":100.0,"total_usage":0.0}}"#);
+    let deepseek: Value = serde_json::from_str(&mock.balance_body("/user/balance", key).await).expect("json");
+    assert_eq!(
+        deepseek,
+        json!({"is_available": true, "balance_infos": [{"currency": "USD", "total_balance": "100.00",
+            "granted_balance": "0.00", "topped_up_balance": "100.00"}]})
+    );
+
+    let cny = "sk-mock-cny-2";
+    let opened = mock.put_account(cny, &json!({ "micros": 49_588_940, "currency": "CNY" })).await;
+    assert_eq!(opened.status(), 200);
+    assert_eq!(
+        mock.balance_body("/v1/users/me/balance", cny).await,
+        r#"{"code":0,"data":{"available_balance":49.58894,"voucher_balance":0,"cash_balance":49.58894},"scode":"0x0","status":true}"#
+    );
+    let silicon: Value = serde_json::from_str(&mock.balance_body("/v1/user/info", cny).await).expect("json");
+    assert_eq!((silicon["code"].clone(), silicon["status"].clone()), (json!(20000), json!(true)));
+    assert_eq!(silicon["data"]["totalBalance"], "49.58894");
+    let deepseek: Value = serde_json::from_str(&mock.balance_body("/user/balance", cny).await).expect("json");
+    assert_eq!(deepseek["balance_infos"][0]["currency"], "CNY");
+    assert_eq!(deepseek["balance_infos"][0]["total_balance"], "49.58894");
+
+    // The probes are listed apart from the traffic.
+    assert_eq!(mock.get_json("/_mock/requests").await, json!([]));
+    assert_eq!(mock.get_json("/_mock/probes").await.as_array().map(Vec::len), Some(6));
+    let cleared = mock.http.delete(mock.url("/_mock/probes")).send().await.expect("send");
+    assert_eq!(cleared.status(), 204);
+    assert_eq!(mock.get_json("/_mock/probes").await, json!([]));
+
+    let anonymous = mock.http.get(mock.url("/user/balance")).send().await.expect("send");
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(mock.get_with_key("/v1/credits", "sk-mock-invalid-3").await.status(), 401);
+}
+
+#[tokio::test]
+async fn accounts_are_charged_for_answers_and_drained_from_outside() {
+    let mock = MockUpstream::spawn();
+    let key = "sk-mock-metered-1";
+    let account = json!({
+        "micros": 10_000_000,
+        "currency": "USD",
+        "prompt_micros_per_token": 3,
+        "completion_micros_per_token": 7,
+    });
+    assert_eq!(mock.put_account(key, &account).await.status(), 200);
+
+    let request = json!({ "model": "gpt-4o-mini", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 5 });
+    let before_first_read = mock.chat(key, &request).await;
+    assert_eq!(before_first_read.status(), 200);
+    // Charged when the answer started, before its body was read.
+    let charged = 10_000_000 - (prompt_tokens(&request) as i64 * 3 + 5 * 7);
+    let state = mock.get_json(&format!("/_mock/balance/{key}")).await;
+    assert_eq!((state["micros"].clone(), state["currency"].clone()), (json!(charged), json!("USD")));
+    assert_eq!(state["account"], true);
+    drop(before_first_read);
+
+    // A stream is charged at its start too, and an embedding for its prompt only.
+    let stream = stream_request(2, true);
+    let response = mock.chat(key, &stream).await;
+    let charged = charged - (prompt_tokens(&stream) as i64 * 3 + 2 * 7);
+    assert_eq!(mock.get_json(&format!("/_mock/balance/{key}")).await["micros"], charged);
+    body_text(response).await;
+    let embedding = json!({ "model": "text-embedding-3-small", "input": "x" });
+    assert_eq!(mock.post("/v1/embeddings", key, &embedding).await.status(), 200);
+    let charged = charged - prompt_tokens(&embedding) as i64 * 3;
+    assert_eq!(mock.get_json(&format!("/_mock/balance/{key}")).await["micros"], charged);
+
+    // Failures cost nothing.
+    let failing = "sk-mock-fail500-metered-2";
+    mock.put_account(failing, &account).await;
+    mock.chat(failing, &request).await;
+    assert_eq!(mock.get_json(&format!("/_mock/balance/{failing}")).await["micros"], 10_000_000);
+
+    // Spending outside the platform.
+    let drained = mock
+        .http
+        .post(mock.url(&format!("/_mock/balance/{key}/drain")))
+        .json(&json!({ "micros": 4_000_000 }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(drained.status(), 200);
+    let charged = charged - 4_000_000;
+    assert_eq!(drained.json::<Value>().await.expect("json")["micros"], charged);
+    let used = 10_000_000 - charged;
+    let credits = mock.balance_body("/v1/credits", key).await;
+    let expected = format!(r#""total_credits":10.0,"total_usage":{}"#, decimal_text(used));
+    assert!(credits.contains(&expected), "{credits} should contain {expected}");
+
+    // The default account never changes, and cannot be drained.
+    let plain = "sk-mock-plain-3";
+    mock.chat(plain, &request).await;
+    assert_eq!(
+        mock.get_json(&format!("/_mock/balance/{plain}")).await,
+        json!({
+            "micros": 100_000_000, "currency": "USD", "used_micros": 0, "prompt_micros_per_token": 0,
+            "completion_micros_per_token": 0, "account": false,
+        })
+    );
+    let no_account = mock
+        .http
+        .post(mock.url(&format!("/_mock/balance/{plain}/drain")))
+        .json(&json!({ "micros": 1 }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(no_account.status(), 404);
+    for bad in [json!({}), json!({ "micros": 1, "currency": "EUR" }), json!({ "micros": "1" })] {
+        assert_eq!(mock.put_account(plain, &bad).await.status(), 400, "{bad}");
+    }
+}
+
+/// The gateway's own balance adapters read the mock's five formats: the two sides agree on the wire.
+#[tokio::test]
+async fn the_provider_client_reads_every_mock_balance_format() {
+    use token_exchange::provider::{BalanceApi, Currency, ProviderClient};
+    let mock = MockUpstream::spawn();
+    let policy = token_exchange::ssrf::UpstreamPolicy::parse("127.0.0.0/8").expect("policy");
+    let client = ProviderClient::new(std::sync::Arc::new(policy), Duration::from_secs(5)).expect("client");
+    let base_url = format!("{}/v1", mock.base);
+    let key = "sk-mock-adapters-1";
+    mock.put_account(key, &json!({ "micros": 12_345_678, "currency": "CNY" })).await;
+    for api in [BalanceApi::DeepSeek, BalanceApi::Moonshot, BalanceApi::SiliconFlow] {
+        let balance = client.balance(api, &base_url, key).await.expect("balance");
+        assert_eq!((balance.micros, balance.currency), (12_345_678, Currency::Cny), "{api:?}");
+    }
+    let usd = "sk-mock-adapters-2";
+    mock.put_account(usd, &json!({ "micros": 5_000_001, "currency": "USD" })).await;
+    mock.http
+        .post(mock.url(&format!("/_mock/balance/{usd}/drain")))
+        .json(&json!({ "micros": 1_000_000 }))
+        .send()
+        .await
+        .expect("send");
+    for api in [BalanceApi::OpenRouter, BalanceApi::OpenAiCreditGrants, BalanceApi::DeepSeek] {
+        let balance = client.balance(api, &base_url, usd).await.expect("balance");
+        assert_eq!((balance.micros, balance.currency), (4_000_001, Currency::Usd), "{api:?}");
+    }
+    let verified = client.verify(&base_url, usd, &["gpt-4o-mini".to_string()]).await.expect("verify");
+    assert!(verified.listed.contains(&"o3-mini".to_string()));
 }

@@ -71,7 +71,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let message = if status.is_server_error() {
+        let public = match &self {
+            Self::Account(e) => e.message_is_public(),
+            _ => !status.is_server_error(),
+        };
+        let message = if !public {
             // The detail (SQL, hashing, crypto) is for the operator's log, not for the client.
             tracing::error!(error = %self, code = self.code(), "admin API request failed");
             "internal server error; see the server log".to_string()

@@ -63,6 +63,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/buyer/keys/{id}", delete(buyer::revoke))
         .route("/api/v1/seller/keys", post(seller::create).get(seller::list))
         .route("/api/v1/seller/keys/{id}", get(seller::get))
+        .route("/api/v1/seller/keys/{id}", axum::routing::patch(seller::update))
         .route("/api/v1/seller/keys/{id}/pause", post(seller::pause))
         .route("/api/v1/seller/keys/{id}/resume", post(seller::resume))
         .route("/api/v1/seller/keys/{id}/events", get(seller::events))

@@ -4,6 +4,26 @@
 //! (`sk-mock-slow-nousage-abc`), so one gateway under test can hold healthy and broken seller keys
 //! side by side. It is standalone on purpose: sharing code with the gateway would let a gateway bug
 //! hide in the yardstick it is measured against.
+//!
+//! Key tokens (the `-`-separated parts of the key):
+//! - `invalid`: every endpoint answers 401, `GET /v1/models` included (verification refuses the key).
+//! - `fail400` … `fail503`, `hang`: chat and embeddings only, so that such keys still verify on deposit.
+//! - `retry<N>`: an injected 429 carries `Retry-After: N` (default 1).
+//! - `redirect`: every `/v1/*` answer is a `307` to another path.
+//! - `nousage`, `slow`, `drop`, `split`, `crlf`: how chat answers are delivered.
+//!
+//! Provider balances: `PUT /_mock/balance/{api_key}` opens an account
+//! (`{"micros","currency","prompt_micros_per_token","completion_micros_per_token"}`), `POST
+//! /_mock/balance/{api_key}/drain {"micros"}` spends outside the platform, `GET /_mock/balance/{api_key}`
+//! reads it. Every chat/embedding answer of a key with an account is charged prompt × prompt price +
+//! completion × completion price before its first byte. The five provider balance APIs answer in their real
+//! formats from the caller's key: `/user/balance` (DeepSeek), `/v1/credits` (OpenRouter),
+//! `/v1/users/me/balance` (Moonshot), `/v1/user/info` (SiliconFlow), `/dashboard/billing/credit_grants`
+//! (OpenAI); a key without an account reads a fixed 100 USD. Formats without a currency report the
+//! account's amount as it is (Moonshot, SiliconFlow: meant for CNY accounts; OpenRouter, OpenAI: USD).
+//!
+//! `/_mock/requests` and `/_mock/counts` list chat, embeddings and other `/v1` calls; model listings and
+//! balance readings (verification and risk checks, not traffic) are listed apart in `/_mock/probes`.
 
 use std::{
     collections::BTreeMap,
@@ -16,10 +36,11 @@ use std::{
 
 use axum::{
     body::{Body, Bytes},
+    extract::Path,
     extract::{DefaultBodyLimit, State},
     http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
     serve::ListenerExt,
     Json, Router,
 };
@@ -27,7 +48,7 @@ use base64::Engine;
 use clap::Parser;
 use futures::{stream, StreamExt};
 use rand::{distributions::Alphanumeric, Rng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::{
@@ -49,7 +70,33 @@ const DROP_FLUSH_DELAY: Duration = Duration::from_millis(20);
 const SPLIT_MAX_FRAME: usize = 7;
 /// Graceful shutdown waits for open responses; a slow stream may run for minutes, so it gets cut.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-const MODELS: [&str; 4] = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "text-embedding-3-small"];
+/// Every model a test deposits a mock key for must be here (verification checks the declared models
+/// against this list); `gpt-9-unknown` must not be. The made-up names keep one test's keys apart from
+/// another's within a gateway.
+const MODELS: [&str; 19] = [
+    "gpt-4o-mini",
+    "gpt-4o",
+    "gpt-4.1-mini",
+    "gpt-4.1",
+    "o3-mini",
+    "gpt-4o-audio-preview",
+    "gpt-3.5-turbo",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+    "broken-500-a",
+    "broken-500-b",
+    "broken-401-a",
+    "broken-401-b",
+    "late-model",
+    "instant-model",
+    "other-model",
+    "m-plain",
+    "m-split",
+    "m-crlf0",
+];
+/// What a key without a balance account reads: 100 USD, forever.
+const DEFAULT_BALANCE_MICROS: i64 = 100_000_000;
+const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 
 #[derive(Parser)]
 #[command(about = "Mock OpenAI upstream whose behaviour is picked by tokens in the API key")]
@@ -82,7 +129,12 @@ async fn main() -> std::io::Result<()> {
             eprintln!("mock-upstream: set_nodelay failed: {err}");
         }
     });
-    let mock = Arc::new(Mock { requests: Mutex::default(), stop: stop_rx.clone() });
+    let mock = Arc::new(Mock {
+        requests: Mutex::default(),
+        probes: Mutex::default(),
+        accounts: Mutex::default(),
+        stop: stop_rx.clone(),
+    });
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "LISTENING {addr}")?;
@@ -100,6 +152,9 @@ fn router(mock: Arc<Mock>) -> Router {
     Router::new()
         .route("/_mock/requests", get(list_requests).delete(clear_requests))
         .route("/_mock/counts", get(request_counts))
+        .route("/_mock/probes", get(list_probes).delete(clear_probes))
+        .route("/_mock/balance/{api_key}", get(read_account).put(open_account))
+        .route("/_mock/balance/{api_key}/drain", post(drain_account))
         .fallback(openai_api)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(mock)
@@ -112,6 +167,8 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
 
 struct Mock {
     requests: Mutex<Vec<RecordedRequest>>,
+    probes: Mutex<Vec<Probe>>,
+    accounts: Mutex<BTreeMap<String, Account>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -120,6 +177,175 @@ impl Mock {
     fn requests(&self) -> std::sync::MutexGuard<'_, Vec<RecordedRequest>> {
         self.requests.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn probes(&self) -> std::sync::MutexGuard<'_, Vec<Probe>> {
+        self.probes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn accounts(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Account>> {
+        self.accounts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What the key's provider account holds now (the fixed default without an account).
+    fn balance_of(&self, api_key: &str) -> Account {
+        self.accounts().get(api_key).cloned().unwrap_or_default()
+    }
+
+    /// Charges an answer to the key's account, if it has one, as a provider bills what it generates.
+    fn charge(&self, api_key: &str, prompt_tokens: u64, completion_tokens: u64) {
+        if let Some(account) = self.accounts().get_mut(api_key) {
+            let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            let cost = tokens(prompt_tokens)
+                .saturating_mul(account.prompt_micros_per_token)
+                .saturating_add(tokens(completion_tokens).saturating_mul(account.completion_micros_per_token));
+            account.spend(cost);
+        }
+    }
+}
+
+/// A model listing or a balance reading: what verification and risk checks asked.
+#[derive(Clone, Serialize)]
+struct Probe {
+    method: String,
+    path: String,
+    api_key: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum Currency {
+    #[serde(rename = "USD")]
+    Usd,
+    #[serde(rename = "CNY")]
+    Cny,
+}
+
+impl Currency {
+    fn code(self) -> &'static str {
+        match self {
+            Self::Usd => "USD",
+            Self::Cny => "CNY",
+        }
+    }
+}
+
+/// A key's provider account, in millionths of its currency.
+#[derive(Clone)]
+struct Account {
+    micros: i64,
+    /// Spent since the account was opened (requests and drains): OpenRouter and OpenAI report it.
+    used_micros: i64,
+    currency: Currency,
+    prompt_micros_per_token: i64,
+    completion_micros_per_token: i64,
+    /// False for the fixed default of keys without an account.
+    open: bool,
+}
+
+impl Default for Account {
+    fn default() -> Self {
+        Self {
+            micros: DEFAULT_BALANCE_MICROS,
+            used_micros: 0,
+            currency: Currency::Usd,
+            prompt_micros_per_token: 0,
+            completion_micros_per_token: 0,
+            open: false,
+        }
+    }
+}
+
+impl Account {
+    fn spend(&mut self, micros: i64) {
+        self.micros = self.micros.saturating_sub(micros);
+        self.used_micros = self.used_micros.saturating_add(micros);
+    }
+
+    fn view(&self) -> Value {
+        json!({
+            "micros": self.micros,
+            "currency": self.currency.code(),
+            "used_micros": self.used_micros,
+            "prompt_micros_per_token": self.prompt_micros_per_token,
+            "completion_micros_per_token": self.completion_micros_per_token,
+            "account": self.open,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenAccount {
+    micros: i64,
+    #[serde(default = "usd")]
+    currency: Currency,
+    #[serde(default)]
+    prompt_micros_per_token: i64,
+    #[serde(default)]
+    completion_micros_per_token: i64,
+}
+
+fn usd() -> Currency {
+    Currency::Usd
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Drain {
+    micros: i64,
+}
+
+async fn read_account(State(mock): State<Arc<Mock>>, Path(api_key): Path<String>) -> Json<Value> {
+    Json(mock.balance_of(&api_key).view())
+}
+
+/// Opens (or resets) the key's account.
+async fn open_account(
+    State(mock): State<Arc<Mock>>,
+    Path(api_key): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: OpenAccount = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid_request(format!(
+            "expected {{\"micros\": i64, \"currency\": \"USD\"|\"CNY\", \"prompt_micros_per_token\": i64, \
+             \"completion_micros_per_token\": i64}}: {e}"
+        ))
+    })?;
+    let account = Account {
+        micros: request.micros,
+        used_micros: 0,
+        currency: request.currency,
+        prompt_micros_per_token: request.prompt_micros_per_token,
+        completion_micros_per_token: request.completion_micros_per_token,
+        open: true,
+    };
+    let view = account.view();
+    mock.accounts().insert(api_key, account);
+    Ok(Json(view))
+}
+
+/// Spends from the account "outside" the platform (another client of the same provider key).
+async fn drain_account(
+    State(mock): State<Arc<Mock>>,
+    Path(api_key): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: Drain = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid_request(format!("expected {{\"micros\": i64}}: {e}")))?;
+    let mut accounts = mock.accounts();
+    let account = accounts.get_mut(&api_key).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "no account for this key; PUT one first", "invalid_request_error", None)
+    })?;
+    account.spend(request.micros);
+    Ok(Json(account.view()))
+}
+
+async fn list_probes(State(mock): State<Arc<Mock>>) -> Json<Vec<Probe>> {
+    Json(mock.probes().clone())
+}
+
+async fn clear_probes(State(mock): State<Arc<Mock>>) -> StatusCode {
+    mock.probes().clear();
+    StatusCode::NO_CONTENT
 }
 
 #[derive(Clone, Serialize)]
@@ -188,13 +414,22 @@ async fn openai_api(
     body: Bytes,
 ) -> Response {
     let path = uri.path();
-    if !path.starts_with("/v1/") {
+    let api_key = bearer_key(&headers);
+    let endpoint = Endpoint::find(&method, path);
+    if matches!(endpoint, Some(Endpoint::Models | Endpoint::Balance(_))) {
+        mock.probes().push(Probe {
+            method: method.to_string(),
+            path: path.to_owned(),
+            api_key: api_key.map(str::to_owned),
+        });
+    } else if path.starts_with("/v1/") {
+        let json = serde_json::from_slice::<Value>(&body).ok();
+        // Recorded before acting, so tests also see requests that fail or hang.
+        mock.requests().push(RecordedRequest::new(&method, path, &headers, &body, json.as_ref()));
+    } else {
         return ApiError::unknown_url(&method, path).into_response();
     }
-    let json = serde_json::from_slice::<Value>(&body).ok();
-    // Recorded before acting, so tests also see requests that fail or hang.
-    mock.requests().push(RecordedRequest::new(&method, path, &headers, &body, json.as_ref()));
-    match answer(&mock, &method, path, bearer_key(&headers), body.len(), json).await {
+    match answer(&mock, &method, path, endpoint, api_key, &body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -204,15 +439,27 @@ async fn answer(
     mock: &Mock,
     method: &Method,
     path: &str,
+    endpoint: Option<Endpoint>,
     api_key: Option<&str>,
-    body_len: usize,
-    json: Option<Value>,
+    body: &[u8],
 ) -> Result<Response, ApiError> {
-    let endpoint = Endpoint::find(method, path).ok_or_else(|| ApiError::unknown_url(method, path))?;
+    let behaviour = api_key.map(Behaviour::from_api_key).unwrap_or_default();
+    if behaviour.redirect && path.starts_with("/v1/") {
+        return Ok(redirect(path));
+    }
+    let endpoint = endpoint.ok_or_else(|| ApiError::unknown_url(method, path))?;
     let api_key = api_key.ok_or_else(ApiError::missing_api_key)?;
-    let behaviour = Behaviour::from_api_key(api_key);
+    if behaviour.invalid {
+        return Err(ApiError::injected(StatusCode::UNAUTHORIZED, api_key, &behaviour));
+    }
+    // Listing models and reading the balance work for keys that fail later: they must pass verification.
+    match endpoint {
+        Endpoint::Models => return Ok(Json(models()).into_response()),
+        Endpoint::Balance(format) => return Ok(format.answer(&mock.balance_of(api_key))),
+        Endpoint::ChatCompletions | Endpoint::Embeddings => {}
+    }
     if let Some(status) = behaviour.fail {
-        return Err(ApiError::injected(status, api_key));
+        return Err(ApiError::injected(status, api_key, &behaviour));
     }
     if behaviour.hang {
         let mut stop = mock.stop.clone();
@@ -222,12 +469,25 @@ async fn answer(
         }
         return Err(ApiError::shutting_down());
     }
-    let prompt_tokens = body_len.div_ceil(4) as u64;
-    match endpoint {
-        Endpoint::ChatCompletions => chat_completion(json, prompt_tokens, &behaviour),
-        Endpoint::Embeddings => embeddings(json, prompt_tokens, &behaviour),
-        Endpoint::Models => Ok(Json(models()).into_response()),
+    let json = serde_json::from_slice::<Value>(body).ok();
+    let prompt_tokens = body.len().div_ceil(4) as u64;
+    let (response, completion_tokens) = match endpoint {
+        Endpoint::ChatCompletions => chat_completion(json, prompt_tokens, &behaviour)?,
+        _ => (embeddings(json, prompt_tokens, &behaviour)?, 0),
+    };
+    // Before the first byte: a provider has billed the answer by the time the client reads it.
+    mock.charge(api_key, prompt_tokens, completion_tokens);
+    Ok(response)
+}
+
+/// `307` to the same path under `/moved`: a provider that moved its API.
+fn redirect(path: &str) -> Response {
+    let location = format!("/moved{path}");
+    let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
     }
+    response
 }
 
 fn bearer_key(headers: &HeaderMap) -> Option<&str> {
@@ -241,6 +501,7 @@ enum Endpoint {
     ChatCompletions,
     Embeddings,
     Models,
+    Balance(BalanceFormat),
 }
 
 impl Endpoint {
@@ -249,14 +510,99 @@ impl Endpoint {
             ("POST", "/v1/chat/completions") => Some(Self::ChatCompletions),
             ("POST", "/v1/embeddings") => Some(Self::Embeddings),
             ("GET", "/v1/models") => Some(Self::Models),
+            ("GET", "/user/balance") => Some(Self::Balance(BalanceFormat::DeepSeek)),
+            ("GET", "/v1/credits") => Some(Self::Balance(BalanceFormat::OpenRouter)),
+            ("GET", "/v1/users/me/balance") => Some(Self::Balance(BalanceFormat::Moonshot)),
+            ("GET", "/v1/user/info") => Some(Self::Balance(BalanceFormat::SiliconFlow)),
+            ("GET", "/dashboard/billing/credit_grants") => Some(Self::Balance(BalanceFormat::OpenAi)),
             _ => None,
         }
+    }
+}
+
+/// The real answer formats of the providers' balance APIs.
+#[derive(Clone, Copy)]
+enum BalanceFormat {
+    DeepSeek,
+    OpenRouter,
+    Moonshot,
+    SiliconFlow,
+    OpenAi,
+}
+
+impl BalanceFormat {
+    /// Amounts are written as exact decimals (never through a float), as providers send them.
+    fn answer(self, account: &Account) -> Response {
+        let balance = decimal(account.micros, 1);
+        let body = match self {
+            Self::DeepSeek => json!({
+                "is_available": account.micros > 0,
+                "balance_infos": [{
+                    "currency": account.currency.code(),
+                    "total_balance": decimal(account.micros, 2),
+                    "granted_balance": "0.00",
+                    "topped_up_balance": decimal(account.micros, 2),
+                }],
+            })
+            .to_string(),
+            Self::OpenRouter => format!(
+                r#"{{"data":{{"total_credits":{},"total_usage":{}}}}}"#,
+                decimal(account.micros.saturating_add(account.used_micros), 1),
+                decimal(account.used_micros, 1)
+            ),
+            Self::Moonshot => format!(
+                r#"{{"code":0,"data":{{"available_balance":{balance},"voucher_balance":0,"cash_balance":{balance}}},"scode":"0x0","status":true}}"#
+            ),
+            Self::SiliconFlow => json!({
+                "code": 20000,
+                "message": "OK",
+                "status": true,
+                "data": {
+                    "id": "mock-user",
+                    "name": "mock",
+                    "image": "",
+                    "email": "",
+                    "isAdmin": false,
+                    "balance": "0.00",
+                    "status": "normal",
+                    "introduction": "",
+                    "role": "",
+                    "chargeBalance": decimal(account.micros, 2),
+                    "totalBalance": decimal(account.micros, 2),
+                },
+            })
+            .to_string(),
+            Self::OpenAi => format!(
+                r#"{{"object":"credit_summary","total_granted":{},"total_used":{},"total_available":{balance}}}"#,
+                decimal(account.micros.saturating_add(account.used_micros), 1),
+                decimal(account.used_micros, 1)
+            ),
+        };
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+/// Millionths as a decimal with at least `min_fraction` fractional digits: `110.00`, `49.58894`.
+fn decimal(micros: i64, min_fraction: usize) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let abs = micros.unsigned_abs();
+    let mut fraction = format!("{:06}", abs % 1_000_000);
+    while fraction.len() > min_fraction && fraction.ends_with('0') {
+        fraction.pop();
+    }
+    if fraction.is_empty() {
+        format!("{sign}{}", abs / 1_000_000)
+    } else {
+        format!("{sign}{}.{fraction}", abs / 1_000_000)
     }
 }
 
 #[derive(Default)]
 struct Behaviour {
     fail: Option<StatusCode>,
+    invalid: bool,
+    redirect: bool,
+    retry_after: Option<u64>,
     nousage: bool,
     slow: bool,
     hang: bool,
@@ -277,13 +623,19 @@ impl Behaviour {
                 "fail500" => behaviour.fail = Some(StatusCode::INTERNAL_SERVER_ERROR),
                 "fail502" => behaviour.fail = Some(StatusCode::BAD_GATEWAY),
                 "fail503" => behaviour.fail = Some(StatusCode::SERVICE_UNAVAILABLE),
+                "invalid" => behaviour.invalid = true,
+                "redirect" => behaviour.redirect = true,
                 "nousage" => behaviour.nousage = true,
                 "slow" => behaviour.slow = true,
                 "hang" => behaviour.hang = true,
                 "drop" => behaviour.drop = true,
                 "split" => behaviour.split = true,
                 "crlf" => behaviour.crlf = true,
-                _ => {}
+                _ => {
+                    if let Some(secs) = token.strip_prefix("retry").and_then(|n| n.parse().ok()) {
+                        behaviour.retry_after = Some(secs);
+                    }
+                }
             }
         }
         behaviour
@@ -296,11 +648,13 @@ struct ApiError {
     message: String,
     kind: &'static str,
     code: Option<&'static str>,
+    /// `Retry-After` of a 429.
+    retry_after: u64,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>, kind: &'static str, code: Option<&'static str>) -> Self {
-        Self { status, message: message.into(), kind, code }
+        Self { status, message: message.into(), kind, code, retry_after: DEFAULT_RETRY_AFTER_SECS }
     }
 
     fn invalid_request(message: impl Into<String>) -> Self {
@@ -326,7 +680,7 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message, "server_error", Some("service_unavailable"))
     }
 
-    fn injected(status: StatusCode, api_key: &str) -> Self {
+    fn injected(status: StatusCode, api_key: &str, behaviour: &Behaviour) -> Self {
         let (message, kind, code) = match status {
             StatusCode::UNAUTHORIZED => (
                 format!(
@@ -362,7 +716,8 @@ impl ApiError {
                 "server_error",
             ),
         };
-        Self::new(status, message, kind, Some(code))
+        let retry_after = behaviour.retry_after.unwrap_or(DEFAULT_RETRY_AFTER_SECS);
+        Self { retry_after, ..Self::new(status, message, kind, Some(code)) }
     }
 }
 
@@ -373,7 +728,7 @@ impl IntoResponse for ApiError {
         });
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(self.retry_after));
         }
         response
     }
@@ -455,7 +810,12 @@ fn with_usage(mut body: Value, usage: Option<Value>) -> Value {
     body
 }
 
-fn chat_completion(json: Option<Value>, prompt_tokens: u64, behaviour: &Behaviour) -> Result<Response, ApiError> {
+/// The answer and the completion tokens it generates (a `drop` stream generates only what it sends).
+fn chat_completion(
+    json: Option<Value>,
+    prompt_tokens: u64,
+    behaviour: &Behaviour,
+) -> Result<(Response, u64), ApiError> {
     let request = request_object(json)?;
     let model = request_model(&request)?;
     let tokens = completion_tokens(&request)?;
@@ -474,18 +834,18 @@ fn chat_completion(json: Option<Value>, prompt_tokens: u64, behaviour: &Behaviou
         usage: (!behaviour.nousage).then(|| usage(prompt_tokens, tokens)),
     };
     if !stream {
-        return Ok(Json(completion.message()).into_response());
+        return Ok((Json(completion.message()).into_response(), tokens));
     }
     let mut events = completion.chunks(include_usage);
-    let ending = if behaviour.drop {
+    let (ending, generated) = if behaviour.drop {
         let content_chunks =
             usize::try_from(tokens).map_or(DROP_AFTER_CONTENT_CHUNKS, |tokens| tokens.min(DROP_AFTER_CONTENT_CHUNKS));
         events.truncate(1 + content_chunks);
-        StreamEnd::Abort
+        (StreamEnd::Abort, content_chunks as u64)
     } else {
-        StreamEnd::Done
+        (StreamEnd::Done, tokens)
     };
-    Ok(sse_response(&events, ending, behaviour))
+    Ok((sse_response(&events, ending, behaviour), generated))
 }
 
 struct Completion {

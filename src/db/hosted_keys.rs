@@ -80,6 +80,39 @@ pub async fn list_for_owner(db: &impl ConnectionTrait, owner_id: i64) -> Result<
     Entity::find().filter(Column::OwnerId.eq(owner_id)).order_by_asc(Column::Id).all(db).await
 }
 
+/// The platform's fallback keys, in the order they are tried (priority, then id).
+pub async fn list_platform(db: &impl ConnectionTrait) -> Result<Vec<Model>, DbErr> {
+    Entity::find()
+        .filter(Column::Pool.eq("platform"))
+        .order_by_asc(Column::Priority)
+        .order_by_asc(Column::Id)
+        .all(db)
+        .await
+}
+
+pub async fn find(db: &impl ConnectionTrait, key_id: i64) -> Result<Option<Model>, DbErr> {
+    Entity::find_by_id(key_id).one(db).await
+}
+
+/// Changes a platform key's priority and/or name. Returns whether a platform key with this id exists.
+pub async fn update_platform(
+    db: &impl ConnectionTrait,
+    key_id: i64,
+    priority: Option<i64>,
+    name: Option<&str>,
+    now_ms: i64,
+) -> Result<bool, DbErr> {
+    let mut update = Entity::update_many().col_expr(Column::UpdatedAtMs, Expr::value(now_ms));
+    if let Some(priority) = priority {
+        update = update.col_expr(Column::Priority, Expr::value(priority));
+    }
+    if let Some(name) = name {
+        update = update.col_expr(Column::Name, Expr::value(name));
+    }
+    let result = update.filter(Column::Id.eq(key_id)).filter(Column::Pool.eq("platform")).exec(db).await?;
+    Ok(result.rows_affected > 0)
+}
+
 /// The key if it belongs to `owner_id`.
 pub async fn find_for_owner(db: &impl ConnectionTrait, owner_id: i64, key_id: i64) -> Result<Option<Model>, DbErr> {
     Entity::find().filter(Column::Id.eq(key_id)).filter(Column::OwnerId.eq(owner_id)).one(db).await

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 use sea_orm::{DatabaseConnection, DbErr};
 
-use super::{BuyerKey, ModelRoute, PoolSnapshot, SellerKey, StatusCounts, Upstream};
+use super::{BuyerKey, FallbackRoute, ModelRoute, PoolSnapshot, SellerKey, StatusCounts, Upstream};
 use crate::billing::{BuyerFunds, EscrowFunds, Price};
 use crate::crypto::Keyring;
 use crate::db::entities::{buyer_keys, hosted_keys};
+use crate::health::{HealthAttacher, HealthRegistry};
 
 /// What a load skipped, so that the refresher can log it once per key rather than per request.
 #[derive(Debug, Default)]
@@ -90,11 +91,13 @@ impl HostResolver {
     }
 }
 
-/// Loads every key from the database and builds a fresh snapshot.
+/// Loads every key from the database and builds a fresh snapshot, attaching each key's health from
+/// `health` (and dropping the health of keys that left the pool).
 pub async fn load_snapshot(
     db: &DatabaseConnection,
     keyring: &Keyring,
     resolver: &mut HostResolver,
+    health: &HealthRegistry,
 ) -> Result<(PoolSnapshot, LoadReport), DbErr> {
     let now = crate::now_ms();
     let hosted = crate::db::hosted_keys::list_all(db).await?;
@@ -108,7 +111,7 @@ pub async fn load_snapshot(
     let resolved = resolver.resolve_all(wanted).await;
     let prices = crate::db::prices::list(db).await?;
     let funding = crate::db::funds::funding_rows(db).await?;
-    let (mut snapshot, report) = build_snapshot(hosted, buyers, keyring, &resolved, now);
+    let (mut snapshot, report) = build_snapshot(hosted, buyers, keyring, &resolved, now, health);
     snapshot.prices = build_prices(prices);
     snapshot.funds = build_funds(funding);
     Ok((snapshot, report))
@@ -149,19 +152,26 @@ fn build_funds(rows: crate::db::funds::FundingRows) -> HashMap<i64, BuyerFunds> 
     funds
 }
 
-/// Builds a snapshot from rows and already-resolved addresses. Pure apart from decryption, so it is
-/// unit-testable and cheap to time for large pools.
+/// Builds a snapshot from rows and already-resolved addresses. Pure apart from decryption and the
+/// health registry, whose key set it replaces with the routable keys of this snapshot (each keeps the
+/// health it had), so it is unit-testable and cheap to time for large pools.
+///
+/// Active keys of the `seller` pool go into the weighted routes; active `platform` keys into the
+/// fallback routes, sorted by (priority, id).
 pub fn build_snapshot(
     hosted: Vec<hosted_keys::Model>,
     buyers: Vec<buyer_keys::Model>,
     keyring: &Keyring,
     resolved: &HashMap<(String, u16), SocketAddr>,
     now_ms: i64,
+    health: &HealthRegistry,
 ) -> (PoolSnapshot, LoadReport) {
     let mut report = LoadReport::default();
     let mut counts = StatusCounts::default();
     let mut known_models = HashSet::new();
     let mut by_model: HashMap<String, Vec<Arc<SellerKey>>> = HashMap::new();
+    let mut fallback_by_model: HashMap<String, Vec<Arc<SellerKey>>> = HashMap::new();
+    let mut attacher = health.attacher();
 
     for row in hosted {
         let models: Vec<&str> = row.models.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
@@ -176,11 +186,12 @@ pub fn build_snapshot(
         if row.status != "active" {
             continue;
         }
-        match routable_key(&row, keyring, resolved) {
+        match routable_key(&row, keyring, resolved, &mut attacher) {
             Ok(key) => {
                 let key = Arc::new(key);
+                let routes = if key.platform { &mut fallback_by_model } else { &mut by_model };
                 for model in models {
-                    by_model.entry(model.to_string()).or_default().push(key.clone());
+                    routes.entry(model.to_string()).or_default().push(key.clone());
                 }
             }
             Err(reason) => {
@@ -212,10 +223,13 @@ pub fn build_snapshot(
         })
         .collect();
 
+    attacher.commit();
     let routes = by_model.into_iter().map(|(model, keys)| (model, ModelRoute::new(keys))).collect();
+    let fallback = fallback_by_model.into_iter().map(|(model, keys)| (model, FallbackRoute::new(keys))).collect();
     let snapshot = PoolSnapshot {
         buyers,
         routes,
+        fallback,
         known_models,
         status_counts: counts,
         prices: HashMap::new(),
@@ -229,6 +243,7 @@ fn routable_key(
     row: &hosted_keys::Model,
     keyring: &Keyring,
     resolved: &HashMap<(String, u16), SocketAddr>,
+    attacher: &mut HealthAttacher<'_>,
 ) -> Result<SellerKey, String> {
     let url = parse_base_url(&row.base_url)?;
     let addr = *resolved.get(&(url.host.clone(), url.port)).ok_or("base_url host does not resolve")?;
@@ -254,6 +269,12 @@ fn routable_key(
         // until risk control marks it depleted.
         weight: u64::try_from(row.remaining_balance).unwrap_or(0).max(1),
         platform: row.pool == "platform",
+        priority: row.priority,
+        max_concurrency: u32::try_from(row.max_concurrency.max(0)).unwrap_or(u32::MAX),
+        max_spend_per_day: row.max_spend_per_day.max(0),
+        spent_today: row.spent_today,
+        spend_day: row.spend_day,
+        health: attacher.attach(row.id),
     })
 }
 
@@ -280,5 +301,78 @@ mod tests {
         assert_eq!(u.base_path, "/api/v1");
         assert!(parse_base_url("ftp://x/v1").is_err());
         assert!(parse_base_url("not a url").is_err());
+    }
+
+    fn row(keyring: &Keyring, id: i64, pool: &str, priority: i64, status: &str, models: &str) -> hosted_keys::Model {
+        let uid = format!("uid-{id}");
+        hosted_keys::Model {
+            id,
+            uid: uid.clone(),
+            owner_id: 1,
+            name: "k".into(),
+            provider: "openai".into(),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            models: models.into(),
+            api_key_enc: keyring.encrypt(&format!("sk-secret-{id}"), &format!("hosted_keys:{uid}")),
+            key_hint: "sk-...".into(),
+            status: status.into(),
+            declared_balance: 1_000,
+            remaining_balance: 1_000,
+            failure_count: 0,
+            success_count: 0,
+            last_used_at_ms: None,
+            last_failure_at_ms: None,
+            created_at_ms: 0,
+            pool: pool.into(),
+            updated_at_ms: 0,
+            priority,
+            max_concurrency: 2,
+            max_spend_per_day: 700,
+            spent_today: 300,
+            spend_day: 20_000,
+            balance_api: String::new(),
+            verified_at_ms: None,
+            next_check_at_ms: 0,
+            review: String::new(),
+            status_cause: String::new(),
+            checked_successes: 0,
+            checked_failures: 0,
+        }
+    }
+
+    #[test]
+    fn platform_keys_form_the_fallback_pool_in_priority_order() {
+        let keyring = Keyring::new([7u8; 32], vec![]);
+        let resolved = HashMap::from([(("127.0.0.1".to_string(), 9), "127.0.0.1:9".parse().unwrap())]);
+        let health = HealthRegistry::with_policy(crate::health::HealthPolicy::default());
+        let rows = vec![
+            row(&keyring, 1, "seller", 0, "active", "m1"),
+            row(&keyring, 2, "platform", 5, "active", "m1,m2"),
+            row(&keyring, 3, "platform", 1, "active", "m1"),
+            row(&keyring, 4, "platform", 0, "paused", "m1"),
+            row(&keyring, 5, "platform", 1, "active", "m1"),
+        ];
+        let (snapshot, report) = build_snapshot(rows.clone(), vec![], &keyring, &resolved, 1, &health);
+        assert!(report.unroutable.is_empty(), "{:?}", report.unroutable);
+        let sellers: Vec<i64> = snapshot.route("m1").unwrap().keys().iter().map(|k| k.id).collect();
+        assert_eq!(sellers, [1], "platform keys are not seller routes");
+        let fallback: Vec<i64> = snapshot.fallback("m1").unwrap().keys().iter().map(|k| k.id).collect();
+        assert_eq!(fallback, [3, 5, 2], "priority, then id; paused keys left out");
+        assert!(snapshot.route("m2").is_none() && snapshot.serves("m2"), "served by the fallback pool only");
+        assert!(snapshot.known_models.contains("m2"));
+        assert_eq!(snapshot.key_for("m2", 2).map(|k| k.id), Some(2));
+        assert_eq!(snapshot.key_for("m2", 1).map(|k| k.id), None);
+        let key = snapshot.key_for("m1", 2).unwrap();
+        assert!(key.platform);
+        assert_eq!((key.priority, key.max_concurrency, key.max_spend_per_day), (5, 2, 700));
+        assert_eq!((key.spent_today, key.spend_day), (300, 20_000));
+
+        // A reload keeps each key's health; a key that left the pool loses it.
+        let before = snapshot.key_for("m1", 3).unwrap().health.clone();
+        before.add_charge(1);
+        let fewer: Vec<_> = rows.into_iter().filter(|r| r.id != 5).collect();
+        let (again, _) = build_snapshot(fewer, vec![], &keyring, &resolved, 2, &health);
+        assert!(Arc::ptr_eq(&before, &again.key_for("m1", 3).unwrap().health));
+        assert!(health.get(5).is_none() && health.get(4).is_none() && health.get(1).is_some());
     }
 }

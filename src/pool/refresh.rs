@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::{load_snapshot, HostResolver, RefreshHandle, SharedPool};
 use crate::crypto::Keyring;
+use crate::health::HealthRegistry;
 use crate::metrics::METRICS;
 
 const CHANGE_CHANNEL: &str = "tokex:pool-changed";
@@ -27,6 +28,8 @@ pub struct Refresher {
     keyring: Arc<Keyring>,
     pool: SharedPool,
     resolver: HostResolver,
+    /// This node's key health, carried from snapshot to snapshot.
+    health: Arc<HealthRegistry>,
 }
 
 impl Refresher {
@@ -36,14 +39,20 @@ impl Refresher {
         pool: SharedPool,
         dns_ttl: Duration,
         policy: crate::ssrf::UpstreamPolicy,
+        health: Arc<HealthRegistry>,
     ) -> Self {
-        Self { db, keyring, pool, resolver: HostResolver::new(dns_ttl, policy) }
+        Self { db, keyring, pool, resolver: HostResolver::new(dns_ttl, policy), health }
     }
 
     /// Loads and swaps in a new snapshot. On failure the previous snapshot stays in place: a database
     /// outage must not take the gateway down with it.
+    ///
+    /// The keys' local charges counted before the database was read are in its `spent_today` now (give or
+    /// take the usage writer's lag: records still queued are counted by neither until the next reload), so
+    /// they are taken off once the new snapshot serves.
     pub async fn refresh(&mut self) -> Result<(), sea_orm::DbErr> {
-        let result = load_snapshot(&self.db, &self.keyring, &mut self.resolver).await;
+        let spend_marks = self.health.spend_marks();
+        let result = load_snapshot(&self.db, &self.keyring, &mut self.resolver, &self.health).await;
         let (snapshot, report) = match result {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -64,8 +73,15 @@ impl Refresher {
         ] {
             METRICS.pool_keys.with_label_values(&[status]).set(n);
         }
-        tracing::debug!(buyers = snapshot.buyers.len(), models = snapshot.routes.len(), "pool refreshed");
+        tracing::debug!(
+            buyers = snapshot.buyers.len(),
+            models = snapshot.routes.len(),
+            fallback_models = snapshot.fallback.len(),
+            "pool refreshed"
+        );
         self.pool.store(Arc::new(snapshot));
+        self.health.settle_spend(spend_marks);
+        self.health.update_gauge();
         Ok(())
     }
 

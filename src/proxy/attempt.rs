@@ -85,12 +85,16 @@ pub struct AttemptOutcome {
     pub metered: bool,
     /// A non-stream response too large to parse for its usage.
     pub overflowed: bool,
+    /// The wait a 429's `Retry-After` asked for (the key's cooldown).
+    pub retry_after: Option<Duration>,
 }
 
 #[derive(Debug)]
 pub struct Attempt {
     pub key: Arc<SellerKey>,
     pub plan: Arc<CallPlan>,
+    /// When this attempt began (the plan's start is the request's, before any earlier attempt).
+    pub started: Instant,
     outcome: Mutex<AttemptOutcome>,
     finished: tokio::sync::Notify,
 }
@@ -100,9 +104,16 @@ impl Attempt {
         Arc::new(Self {
             key,
             plan,
+            started: Instant::now(),
             outcome: Mutex::new(AttemptOutcome::default()),
             finished: tokio::sync::Notify::new(),
         })
+    }
+
+    /// The key's own time to first byte: from the start of this attempt, not of the request (earlier
+    /// attempts on other keys are not this key's latency). `ttft` is the outcome's, since the request start.
+    pub fn key_ttft(&self, ttft: Duration) -> Duration {
+        (self.plan.started + ttft).saturating_duration_since(self.started)
     }
 
     /// Only the subrequest writes and only after it finished does the main request read, so the lock is

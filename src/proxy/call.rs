@@ -16,9 +16,10 @@ use super::error::GatewayError;
 use super::route::{classify, Route};
 use super::Gateway;
 use crate::billing::FundsError;
+use crate::health::{CircuitChange, InFlight, Outcome as HealthOutcome, Recorded, Tick};
 use crate::metrics::METRICS;
 use crate::openai::request::{inspect, Endpoint};
-use crate::pool::{AuthError, BuyerKey, PoolSnapshot};
+use crate::pool::{AuthError, BuyerKey, FallbackRoute, ModelRoute, PoolSnapshot, SellerKey};
 use crate::usage::{UsagePermit, UsageRecord};
 
 /// How long the main request waits for a finished attempt's last hook before reading its outcome.
@@ -103,6 +104,7 @@ async fn call(
         created_at_ms: crate::now_ms(),
         key_attempts: Vec::new(),
         charge: None,
+        fallback: false,
     };
 
     let body = match read_body(session, gateway.settings.max_body_bytes).await {
@@ -133,14 +135,14 @@ async fn call(
         let e = GatewayError::ModelNotAllowed { model: request.model.clone() };
         return finish_rejected(gateway, session, record, &e, started).await;
     }
-    let Some(route) = snapshot.route(&request.model) else {
+    if !snapshot.serves(&request.model) {
         let e = if snapshot.known_models.contains(&request.model) {
             GatewayError::NoCapacity { model: request.model.clone() }
         } else {
             GatewayError::UnknownModel { model: request.model.clone() }
         };
         return finish_rejected(gateway, session, record, &e, started).await;
-    };
+    }
     let Some(price) = snapshot.price(&request.model).copied() else {
         let e = GatewayError::NotPriced { model: request.model.clone() };
         return finish_rejected(gateway, session, record, &e, started).await;
@@ -156,7 +158,11 @@ async fn call(
     let candidates = snapshot
         .funds
         .get(&buyer.user_id)
-        .map(|f| f.candidates(buyer.user_id, &request.model, record.created_at_ms, |k| route.get(k).is_some()))
+        .map(|f| {
+            f.candidates(buyer.user_id, &request.model, record.created_at_ms, |k| {
+                snapshot.key_for(&request.model, k).is_some()
+            })
+        })
         .unwrap_or_default();
     let reservation = match gateway.funds.reserve(&candidates, worst, snapshot.loaded_at_ms).await {
         Ok(r) => r,
@@ -187,18 +193,16 @@ async fn call(
         max_metered_response_bytes: gateway.settings.max_metered_response_bytes,
     });
 
-    let mut tried: Vec<i64> = Vec::with_capacity(gateway.settings.max_attempts);
+    let mut chooser = KeyChooser::new(
+        snapshot,
+        &plan.model,
+        reservation.pinned_key,
+        gateway.settings.max_attempts,
+        reservation.amount,
+    );
     let mut last_failure: Option<Failure> = None;
-    let mut served: Option<(Arc<Attempt>, AttemptRun)> = None;
-    while tried.len() < gateway.settings.max_attempts {
-        // An escrow pinned to a key pays for that key only.
-        let key = match reservation.pinned_key {
-            Some(pinned) if tried.is_empty() => route.get(pinned),
-            Some(_) => None,
-            None => route.pick(&mut rand::thread_rng(), &tried),
-        };
-        let Some(key) = key else { break };
-        tried.push(key.id);
+    let mut served: Option<(Arc<Attempt>, AttemptRun, InFlight)> = None;
+    while let Some((key, claim)) = chooser.next() {
         let attempt = Attempt::new(key.clone(), plan.clone());
         let run = run_attempt(session, &attempt).await;
         if !attempt.wait_finished(ATTEMPT_SETTLE_LIMIT).await {
@@ -208,15 +212,22 @@ async fn call(
         // header and fails at once can lose the race inside the pipe, and then nothing was written and
         // the attempt can still fail over.
         let response_started = final_response_written(session);
-        let failure = {
+        let (failure, retry_after) = {
             let outcome = attempt.outcome();
-            outcome.failure.clone().unwrap_or(Failure::Other)
+            (outcome.failure.clone().unwrap_or(Failure::Other), outcome.retry_after)
         };
         if response_started {
-            served = Some((attempt, run));
+            served = Some((attempt, run, claim));
             break;
         }
-        record.key_attempts.push((key.id, false));
+        // Once per request and key, here and not in the subrequest's hooks (Pingora may retry inside one).
+        let health = failed_attempt_outcome(&failure, retry_after, run.client_gone);
+        note_health(gateway, &key, claim.finish(health, crate::health::mono_ms()), &model_label);
+        // A rate-limited key is not a failing one: its stored failure count (which risk control's
+        // failure-rate check reads) leaves 429s out, as its circuit does.
+        if !matches!(health, HealthOutcome::RateLimited { .. }) {
+            record.key_attempts.push((key.id, false));
+        }
         METRICS.failovers.with_label_values(&[&model_label, failure.label()]).inc();
         tracing::warn!(request_id = %plan.request_id, key_id = key.id, failure = %failure, "attempt failed before the first byte");
         last_failure = Some(failure);
@@ -225,9 +236,9 @@ async fn call(
             break;
         }
     }
-    record.attempts = tried.len() as u32;
+    record.attempts = chooser.attempts();
 
-    let Some((attempt, run)) = served else {
+    let Some((attempt, run, claim)) = served else {
         // Nothing was delivered: the reservation goes back unspent.
         drop(reservation);
         if record.client_disconnected {
@@ -243,7 +254,7 @@ async fn call(
         return finish_rejected(gateway, session, record, &e, started).await;
     };
 
-    let (metered, reported, delivered_text, overflowed) = {
+    let (metered, reported, delivered_text, overflowed, health) = {
         let mut outcome = attempt.outcome();
         let metered = outcome.metered;
         let overflowed = outcome.overflowed;
@@ -267,8 +278,14 @@ async fn call(
         if let Some(ttft) = outcome.ttft {
             METRICS.ttft.with_label_values(&[&model_label]).observe(ttft.as_secs_f64());
         }
-        (metered, reported, delivered_text, overflowed)
+        let stream_ttft = outcome.ttft.filter(|_| plan.stream).map(|t| attempt.key_ttft(t));
+        let health = served_attempt_outcome(outcome.status, interrupted, record.client_disconnected, stream_ttft);
+        (metered, reported, delivered_text, overflowed, health)
     };
+    record.fallback = attempt.key.platform;
+    if attempt.key.platform {
+        METRICS.fallback_requests.with_label_values(&[&model_label]).inc();
+    }
     // Local counting of a large prompt or reply takes long enough to stall other requests on this thread.
     let (prompt, completion, estimated) = if metered && reported.is_none() {
         let plan = plan.clone();
@@ -301,6 +318,10 @@ async fn call(
     }
     let seller = if attempt.key.platform { None } else { Some(attempt.key.owner_id) };
     record.charge = Some(reservation.finish(charged, seller).with_excess(cost - charged));
+    // Counted towards the key's daily cap before its in-flight worst case is released, so that the cap
+    // sees one or the other at every moment.
+    attempt.key.health.add_charge(charged);
+    note_health(gateway, &attempt.key, claim.finish(health, crate::health::mono_ms()), &model_label);
     METRICS.tokens.with_label_values(&[&model_label, "prompt"]).inc_by(prompt);
     METRICS.tokens.with_label_values(&[&model_label, "completion"]).inc_by(completion);
     METRICS.upstream_latency.with_label_values(&[&model_label]).observe(started.elapsed().as_secs_f64());
@@ -316,6 +337,132 @@ async fn call(
 struct AttemptRun {
     client_gone: bool,
     error: Option<Box<Error>>,
+}
+
+/// The keys one request tries, in order: seller keys by weighted health pick (at most
+/// `gateway.max_attempts`), then — when none of them answered, or none could be tried at all — the
+/// platform's fallback keys in priority order (as many attempts again). An escrow pinned to a key pays for
+/// that key alone: it is the only one tried, and never falls back. Every key is tried at most once per
+/// request; a key that stopped being available between the pick and its claim (another request took its
+/// probe or its last concurrency slot) is skipped without counting as an attempt.
+struct KeyChooser<'a> {
+    sellers: Option<&'a ModelRoute>,
+    fallback: Option<&'a FallbackRoute>,
+    /// `Some` for a pinned request: the key, until it was tried.
+    pinned: Option<Option<Arc<SellerKey>>>,
+    max_attempts: usize,
+    /// The request's worst case, counted as in flight on the key it runs on.
+    credits: i64,
+    seller_attempts: usize,
+    sellers_done: bool,
+    fallback_attempts: usize,
+    /// Keys tried or skipped.
+    excluded: Vec<i64>,
+}
+
+impl<'a> KeyChooser<'a> {
+    fn new(snapshot: &'a PoolSnapshot, model: &str, pinned: Option<i64>, max_attempts: usize, credits: i64) -> Self {
+        Self {
+            sellers: snapshot.route(model),
+            fallback: snapshot.fallback(model),
+            pinned: pinned.map(|id| snapshot.key_for(model, id)),
+            max_attempts,
+            credits,
+            seller_attempts: 0,
+            sellers_done: false,
+            fallback_attempts: 0,
+            excluded: Vec::with_capacity(max_attempts * 2),
+        }
+    }
+
+    /// The next key to try, claimed, or None when the request has no more to try.
+    fn next(&mut self) -> Option<(Arc<SellerKey>, InFlight)> {
+        let now = Tick::now();
+        if let Some(pinned) = self.pinned.as_mut() {
+            let key = pinned.take()?;
+            let claim = key.acquire(now, self.credits)?;
+            self.seller_attempts += 1;
+            return Some((key, claim));
+        }
+        if let Some(route) = self.sellers.filter(|_| !self.sellers_done) {
+            let mut rng = rand::thread_rng();
+            while self.seller_attempts < self.max_attempts {
+                let Some(key) = route.pick(&mut rng, &self.excluded, now) else { break };
+                self.excluded.push(key.id);
+                if let Some(claim) = key.acquire(now, self.credits) {
+                    self.seller_attempts += 1;
+                    return Some((key, claim));
+                }
+            }
+        }
+        self.sellers_done = true;
+        let route = self.fallback?;
+        while self.fallback_attempts < self.max_attempts {
+            let key = route.next(&self.excluded, now)?;
+            self.excluded.push(key.id);
+            if let Some(claim) = key.acquire(now, self.credits) {
+                self.fallback_attempts += 1;
+                return Some((key, claim));
+            }
+        }
+        None
+    }
+
+    fn attempts(&self) -> u32 {
+        u32::try_from(self.seller_attempts + self.fallback_attempts).unwrap_or(u32::MAX)
+    }
+}
+
+/// What an attempt that failed before the first byte says about its key.
+fn failed_attempt_outcome(failure: &Failure, retry_after: Option<Duration>, client_gone: bool) -> HealthOutcome {
+    if client_gone {
+        // The attempt was cut short by the buyer, not by the key.
+        return HealthOutcome::Neutral;
+    }
+    match failure {
+        Failure::Status(429) => HealthOutcome::RateLimited { retry_after },
+        Failure::Status(_) | Failure::Connect | Failure::Timeout | Failure::Other => HealthOutcome::Failure,
+    }
+}
+
+/// What an attempt whose response reached the buyer says about its key. `stream_ttft` is the key's own
+/// time to first byte, for streams only.
+fn served_attempt_outcome(
+    status: u16,
+    interrupted: bool,
+    client_disconnected: bool,
+    stream_ttft: Option<Duration>,
+) -> HealthOutcome {
+    if client_disconnected {
+        HealthOutcome::Neutral
+    } else if interrupted {
+        HealthOutcome::Failure
+    } else if (200..300).contains(&status) {
+        HealthOutcome::Success { ttft: stream_ttft }
+    } else {
+        // The buyer's own error (400, 404, 413, 422...) passed on: says nothing about the key.
+        HealthOutcome::Neutral
+    }
+}
+
+/// Metrics and logs of a key's recorded outcome.
+fn note_health(gateway: &Gateway, key: &SellerKey, recorded: Recorded, model_label: &str) {
+    if recorded.cooled_down {
+        METRICS.key_cooldowns.with_label_values(&[model_label]).inc();
+    }
+    match recorded.circuit {
+        Some(CircuitChange::Opened { for_ms }) => {
+            tracing::warn!(key_id = key.id, for_ms, "key taken out of rotation after consecutive failures");
+        }
+        Some(CircuitChange::Reopened { for_ms }) => {
+            tracing::warn!(key_id = key.id, for_ms, "probe of a failing key failed; out of rotation again");
+        }
+        Some(CircuitChange::Closed) => tracing::info!(key_id = key.id, "probe succeeded; key back in rotation"),
+        None => {}
+    }
+    if recorded.changed_availability() {
+        gateway.health.note_change();
+    }
 }
 
 /// Pipes one subrequest for this attempt, with the prepared body preset.
@@ -458,4 +605,128 @@ async fn respond_json(session: &mut Session, status: u16, body: Bytes, request_i
     }
     session.write_response_header(Box::new(response), false).await?;
     session.write_response_body(Some(body), true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::health::{HealthPolicy, KeyHealth};
+    use crate::pool::Upstream;
+
+    fn key(id: i64, weight: u64, platform: bool, priority: i64) -> Arc<SellerKey> {
+        Arc::new(SellerKey {
+            id,
+            owner_id: 1,
+            provider: "openai".into(),
+            upstream: Upstream {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                tls: false,
+                host: "127.0.0.1".into(),
+                authority: "127.0.0.1:1".into(),
+                base_path: "/v1".into(),
+            },
+            authorization: HeaderValue::from_static("Bearer x"),
+            weight,
+            platform,
+            priority,
+            max_concurrency: 0,
+            max_spend_per_day: 0,
+            spent_today: 0,
+            spend_day: 0,
+            health: Arc::new(KeyHealth::new(Arc::new(HealthPolicy::default()))),
+        })
+    }
+
+    fn snapshot(sellers: Vec<Arc<SellerKey>>, fallback: Vec<Arc<SellerKey>>) -> PoolSnapshot {
+        let mut snapshot = PoolSnapshot::default();
+        if !sellers.is_empty() {
+            snapshot.routes = HashMap::from([("m".to_string(), ModelRoute::new(sellers))]);
+        }
+        if !fallback.is_empty() {
+            snapshot.fallback = HashMap::from([("m".to_string(), FallbackRoute::new(fallback))]);
+        }
+        snapshot
+    }
+
+    /// Runs the chooser to its end, every attempt failing; returns the keys in the order tried.
+    fn tried(chooser: &mut KeyChooser<'_>) -> Vec<i64> {
+        let mut order = Vec::new();
+        while let Some((key, claim)) = chooser.next() {
+            order.push(key.id);
+            claim.finish(HealthOutcome::Neutral, crate::health::mono_ms());
+        }
+        order
+    }
+
+    #[test]
+    fn sellers_first_then_fallback_keys_by_priority_each_once() {
+        let sellers = vec![key(1, 10, false, 0), key(2, 10, false, 0), key(3, 10, false, 0)];
+        let fallback = vec![key(7, 1, true, 9), key(8, 1, true, 1), key(9, 1, true, 5)];
+        let snapshot = snapshot(sellers, fallback);
+        let mut chooser = KeyChooser::new(&snapshot, "m", None, 2, 100);
+        let order = tried(&mut chooser);
+        assert_eq!(order.len(), 4, "two seller attempts, then two fallback attempts: {order:?}");
+        assert!(order[..2].iter().all(|id| (1..=3).contains(id)) && order[0] != order[1], "{order:?}");
+        assert_eq!(order[2..], [8, 9], "fallback keys by priority");
+        assert_eq!(chooser.attempts(), 4);
+    }
+
+    #[test]
+    fn unavailable_keys_are_skipped_without_counting_as_attempts() {
+        let limited = key(2, 1_000_000, false, 0);
+        let now = crate::health::mono_ms();
+        limited.health.acquire(now, 0, 0).unwrap().finish(HealthOutcome::RateLimited { retry_after: None }, now);
+        let fine = key(3, 1, false, 0);
+        let snapshot = snapshot(vec![limited, fine], vec![key(9, 1, true, 0)]);
+        let mut chooser = KeyChooser::new(&snapshot, "m", None, 1, 1);
+        assert_eq!(tried(&mut chooser), [3, 9], "the cooling key is never tried");
+        assert_eq!(chooser.attempts(), 2);
+    }
+
+    #[test]
+    fn a_model_served_only_by_fallback_keys_goes_straight_to_them() {
+        let snapshot = snapshot(vec![], vec![key(5, 1, true, 2), key(4, 1, true, 3)]);
+        let mut chooser = KeyChooser::new(&snapshot, "m", None, 3, 1);
+        assert_eq!(tried(&mut chooser), [5, 4]);
+    }
+
+    #[test]
+    fn a_pinned_escrow_tries_its_key_alone_and_never_falls_back() {
+        let snapshot = snapshot(vec![key(1, 10, false, 0), key(2, 10, false, 0)], vec![key(9, 1, true, 0)]);
+        let mut chooser = KeyChooser::new(&snapshot, "m", Some(2), 3, 1);
+        assert_eq!(tried(&mut chooser), [2]);
+        // Pinned to a key that cannot be claimed now: nothing is tried.
+        let now = crate::health::mono_ms();
+        let two = snapshot.key_for("m", 2).unwrap();
+        two.health.acquire(now, 0, 0).unwrap().finish(HealthOutcome::RateLimited { retry_after: None }, now);
+        let mut chooser = KeyChooser::new(&snapshot, "m", Some(2), 3, 1);
+        assert_eq!(tried(&mut chooser), Vec::<i64>::new());
+        assert_eq!(chooser.attempts(), 0);
+    }
+
+    #[test]
+    fn outcomes_by_what_happened() {
+        let wait = Some(Duration::from_secs(3));
+        assert_eq!(
+            failed_attempt_outcome(&Failure::Status(429), wait, false),
+            HealthOutcome::RateLimited { retry_after: wait }
+        );
+        for failure in [Failure::Status(500), Failure::Status(401), Failure::Status(403), Failure::Connect] {
+            assert_eq!(failed_attempt_outcome(&failure, None, false), HealthOutcome::Failure, "{failure:?}");
+        }
+        assert_eq!(failed_attempt_outcome(&Failure::Timeout, None, false), HealthOutcome::Failure);
+        assert_eq!(failed_attempt_outcome(&Failure::Status(503), None, true), HealthOutcome::Neutral, "buyer left");
+
+        let ttft = Some(Duration::from_millis(40));
+        assert_eq!(served_attempt_outcome(200, false, false, ttft), HealthOutcome::Success { ttft });
+        assert_eq!(served_attempt_outcome(200, true, false, ttft), HealthOutcome::Failure, "upstream broke off");
+        assert_eq!(served_attempt_outcome(200, true, true, ttft), HealthOutcome::Neutral, "buyer broke off");
+        for status in [400, 404, 413, 422] {
+            assert_eq!(served_attempt_outcome(status, false, false, None), HealthOutcome::Neutral, "{status}");
+        }
+    }
 }

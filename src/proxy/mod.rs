@@ -25,6 +25,7 @@ use attempt::SubrequestState;
 pub use attempt::{is_retryable_status, metered_tokens, Attempt, AttemptOutcome, CallPlan, Failure};
 
 use crate::billing::Funds;
+use crate::health::HealthRegistry;
 use crate::pool::SharedPool;
 use crate::usage::UsageSink;
 
@@ -92,12 +93,20 @@ pub struct Gateway {
     pool: SharedPool,
     usage: UsageSink,
     funds: Arc<Funds>,
+    /// This node's key health (also reachable from every key of the snapshot).
+    health: Arc<HealthRegistry>,
     settings: GatewaySettings,
 }
 
 impl Gateway {
-    pub fn new(pool: SharedPool, usage: UsageSink, funds: Arc<Funds>, settings: GatewaySettings) -> Self {
-        Self { pool, usage, funds, settings }
+    pub fn new(
+        pool: SharedPool,
+        usage: UsageSink,
+        funds: Arc<Funds>,
+        health: Arc<HealthRegistry>,
+        settings: GatewaySettings,
+    ) -> Self {
+        Self { pool, usage, funds, health, settings }
     }
 }
 
@@ -195,9 +204,14 @@ impl ProxyHttp for Gateway {
             return Ok(());
         }
         if is_retryable_status(status) {
+            let retry_after = (status == 429)
+                .then(|| response.headers.get("retry-after").and_then(|v| v.to_str().ok()))
+                .flatten()
+                .and_then(|v| crate::health::parse_retry_after(v, crate::now_ms()));
             let mut outcome = state.attempt.outcome();
             outcome.status = status;
             outcome.failure = Some(Failure::Status(status));
+            outcome.retry_after = retry_after;
             return Err(Error::explain(ErrorType::HTTPStatus(status), "upstream status calls for another key"));
         }
         {

@@ -58,10 +58,15 @@ impl Drop for CaptureUpstream {
 
 async fn answer(
     State(captured): State<Arc<Mutex<Vec<Captured>>>>,
+    method: axum::http::Method,
     uri: axum::http::Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == axum::http::Method::GET {
+        // Risk control reads the key's provider balance: not an LLM request, not captured.
+        return (StatusCode::NOT_FOUND, "no balance API here").into_response();
+    }
     captured.lock().unwrap_or_else(|e| e.into_inner()).push(Captured {
         path: uri.path().to_owned(),
         headers,

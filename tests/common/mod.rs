@@ -577,7 +577,7 @@ impl TestEnv {
         }
         let models = models.join(",");
         let balance = declared_balance.to_string();
-        let args = [
+        let mut args = vec![
             "seller-key",
             "add",
             "--username",
@@ -591,6 +591,11 @@ impl TestEnv {
             "--declared-balance",
             &balance,
         ];
+        // Only the shared mock lists models; a test's own upstream (a dead port, a TLS relay, a capture or
+        // overrun server) is deposited the way an operator deposits a provider without a models endpoint.
+        if base_url != self.mock.base_url() {
+            args.push("--skip-verify");
+        }
         let key = self.cli(&args, &[("TOKEX_SELLER_API_KEY", api_key)]).await;
         let hint = key["key_hint"].as_str().unwrap_or_default();
         assert!(!hint.is_empty() && !hint.contains(api_key), "seller-key add printed {key}");
