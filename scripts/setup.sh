@@ -2,7 +2,8 @@
 # Installs what building and testing token-exchange needs on a fresh Debian 12 machine.
 # Idempotent and quiet when everything is already in place; safe to run with no stdin (CI).
 #
-#   scripts/setup.sh          system packages (cmake, ...) and the Python test venv
+#   scripts/setup.sh          system packages (cmake, ...), the Python test venv, and the console's browser
+#                             test (Debian chromium, tests/console/node_modules)
 #   scripts/setup.sh --system system packages only (enough to build and run the gateway)
 set -euo pipefail
 
@@ -53,23 +54,49 @@ fi
 # --- Python venv with the official OpenAI SDK (used by the SDK integration tests) -------------------
 # The stamp holds the hash of the requirements file, so a changed pin reinstalls and an unchanged one
 # costs nothing.
-stamp="$venv/.requirements.sha256"
-want_hash="$(sha256sum "$requirements" | cut -d' ' -f1)"
-if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want_hash" ]] \
-    && "$venv/bin/python" -c 'import openai' >/dev/null 2>&1; then
-    exit 0
-fi
+setup_venv() {
+    local stamp="$venv/.requirements.sha256" want_hash python
+    want_hash="$(sha256sum "$requirements" | cut -d' ' -f1)"
+    if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want_hash" ]] \
+        && "$venv/bin/python" -c 'import openai' >/dev/null 2>&1; then
+        return 0
+    fi
 
-python="${PYTHON:-python3}"
-if ! "$python" -c 'import venv, ensurepip' >/dev/null 2>&1; then
-    apt_install python3-venv
-fi
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
-    log "creating $venv"
-    rm -rf "$venv"
-    "$python" -m venv "$venv"
-fi
-log "installing $(grep -v '^#' "$requirements" | xargs) into .venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements"
-"$venv/bin/python" -c 'import openai; print("setup: openai", openai.__version__, file=__import__("sys").stderr)'
-echo "$want_hash" >"$stamp"
+    python="${PYTHON:-python3}"
+    if ! "$python" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        apt_install python3-venv
+    fi
+    if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        log "creating $venv"
+        rm -rf "$venv"
+        "$python" -m venv "$venv"
+    fi
+    log "installing $(grep -v '^#' "$requirements" | xargs) into .venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements"
+    "$venv/bin/python" -c 'import openai; print("setup: openai", openai.__version__, file=__import__("sys").stderr)'
+    echo "$want_hash" >"$stamp"
+}
+
+# --- The console's browser test (tests/console_e2e.rs) ---------------------------------------------
+# Debian's Chromium, driven by playwright-core from tests/console (whose own browser download cannot work
+# here). node_modules is reinstalled with `npm ci` when package-lock.json changed (a stamp holds its hash).
+setup_console() {
+    local project="$repo/tests/console" stamp want_hash
+    if [[ ! -x /usr/bin/chromium ]]; then
+        apt_install chromium
+    fi
+    if ! command -v npm >/dev/null 2>&1; then
+        apt_install nodejs npm
+    fi
+    stamp="$project/node_modules/.package-lock.sha256"
+    want_hash="$(sha256sum "$project/package-lock.json" | cut -d' ' -f1)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want_hash" && -d "$project/node_modules/playwright-core" ]]; then
+        return 0
+    fi
+    log "installing tests/console/node_modules (npm ci)"
+    (cd "$project" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    echo "$want_hash" >"$stamp"
+}
+
+setup_venv
+setup_console

@@ -104,7 +104,7 @@ fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
@@ -813,22 +813,21 @@ pub async fn set_seller_key_paused(
     // change and its history entry are one transaction.
     let now = crate::now_ms();
     let new_cause = if paused { cause::SELLER } else { cause::NONE };
+    let change = queries::risk::Transition {
+        key_id,
+        owner_id,
+        from,
+        to,
+        cause: new_cause,
+        review: crate::db::risk::review::NONE,
+        next_check_at_ms: None,
+        only_causes: &[],
+        reason: if paused { "paused by its seller" } else { "resumed by its seller" },
+        actor_id: Some(owner_id),
+        now_ms: now,
+    };
     let txn = db.begin().await?;
-    let changed =
-        queries::hosted_keys::transition_status_with_cause(&txn, owner_id, key_id, from, to, new_cause, now).await?;
-    if changed {
-        let reason = if paused { "paused by its seller" } else { "resumed by its seller" };
-        let event = queries::key_events::NewEvent {
-            hosted_key_id: key_id,
-            owner_id,
-            from_status: Some(from),
-            to_status: to,
-            reason,
-            actor_id: Some(owner_id),
-            now_ms: now,
-        };
-        queries::key_events::record(&txn, event).await?;
-    }
+    let changed = queries::risk::transition(&txn, &change).await?;
     txn.commit().await?;
     if !changed {
         let current = get_seller_key(db, owner_id, key_id).await?;
@@ -848,9 +847,6 @@ pub async fn update_seller_key(
     key_id: i64,
     changes: SellerKeyChanges,
 ) -> Result<hosted_keys::Model, AccountError> {
-    use sea_orm::sea_query::Expr;
-    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
-
     let name = changes.name.as_deref().map(|n| validate_name("name", n)).transpose()?;
     let max_concurrency = changes.max_concurrency.map(validate_max_concurrency).transpose()?;
     let max_spend_per_day = changes.max_spend_per_day.map(validate_max_spend_per_day).transpose()?;
@@ -860,26 +856,13 @@ pub async fn update_seller_key(
     if nothing {
         return get_seller_key(db, owner_id, key_id).await;
     }
-    let mut update =
-        hosted_keys::Entity::update_many().col_expr(hosted_keys::Column::UpdatedAtMs, Expr::value(crate::now_ms()));
-    if let Some(name) = name {
-        update = update.col_expr(hosted_keys::Column::Name, Expr::value(name));
-    }
-    if let Some(cap) = max_concurrency {
-        update = update.col_expr(hosted_keys::Column::MaxConcurrency, Expr::value(cap));
-    }
-    if let Some(cap) = max_spend_per_day {
-        update = update.col_expr(hosted_keys::Column::MaxSpendPerDay, Expr::value(cap));
-    }
-    if let Some(api) = balance_api {
-        update = update.col_expr(hosted_keys::Column::BalanceApi, Expr::value(api));
-    }
-    update
-        .filter(hosted_keys::Column::Id.eq(key_id))
-        .filter(hosted_keys::Column::OwnerId.eq(owner_id))
-        .filter(hosted_keys::Column::Pool.eq(SELLER_POOL))
-        .exec(db)
-        .await?;
+    let update = queries::hosted_keys::SellerKeyUpdate {
+        name: name.as_deref(),
+        max_concurrency,
+        max_spend_per_day,
+        balance_api: balance_api.as_deref(),
+    };
+    queries::hosted_keys::update_seller(db, owner_id, key_id, &update, crate::now_ms()).await?;
     get_seller_key(db, owner_id, key_id).await
 }
 

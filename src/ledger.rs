@@ -149,7 +149,7 @@ pub fn idempotency_key(key: &str) -> Result<String, FundsError> {
 // ---------------------------------------------------------------------------------------------------------
 // Grants and refunds
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Granted {
     pub entry_id: i64,
     pub user_id: i64,
@@ -194,7 +194,7 @@ pub async fn grant_credits(
     Ok(Granted { entry_id, user_id, amount, balance, duplicate })
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Refunded {
     pub request_id: String,
     /// Credits returned to the buyer's wallet.
@@ -236,7 +236,7 @@ pub async fn refund(
 // ---------------------------------------------------------------------------------------------------------
 // Prices
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PriceView {
     pub model: String,
     pub prompt_per_million: i64,
@@ -298,7 +298,7 @@ pub async fn delete_price(db: &DatabaseConnection, model: &str) -> Result<(), Fu
 // ---------------------------------------------------------------------------------------------------------
 // The ledger check
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CheckReport {
     pub ok: bool,
     pub violations: Vec<Violation>,
@@ -313,7 +313,7 @@ pub async fn check(db: &DatabaseConnection, hold_stale_ms: u64) -> Result<CheckR
 // ---------------------------------------------------------------------------------------------------------
 // Settings and wallets
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Settings {
     pub user_id: i64,
     /// Plain wallet credits may pay for requests (otherwise only escrows do).
@@ -328,7 +328,7 @@ pub async fn set_wallet_pays(db: &DatabaseConnection, user_id: i64, wallet_pays:
     Ok(Settings { user_id, wallet_pays })
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct WalletView {
     /// Spendable credits in the wallet.
     pub balance: i64,
@@ -363,7 +363,7 @@ pub async fn wallet(db: &DatabaseConnection, user: &users::Model) -> Result<Wall
 // ---------------------------------------------------------------------------------------------------------
 // Escrows
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct EscrowView {
     pub id: i64,
     /// None: any model.
@@ -475,7 +475,7 @@ pub async fn release_escrow(db: &DatabaseConnection, buyer_id: i64, escrow_id: i
 // ---------------------------------------------------------------------------------------------------------
 // Transactions and earnings
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TransactionPage {
     /// Newest first.
     pub data: Vec<PostingView>,
@@ -528,7 +528,7 @@ pub async fn transactions(
 
 pub use crate::db::funds::KeyEarnings;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Earnings {
     /// The wallet balance (earnings land there).
     pub balance: i64,

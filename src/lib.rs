@@ -11,16 +11,19 @@
 //! - `billing`: what requests cost and who pays: prices, a node's credit holds, per-request reservations.
 //! - `admin`: the admin REST API (axum); `accounts`: user and key management shared by the REST API and the CLI;
 //!   `ledger`: credits, prices and escrows, also shared by both (the money itself moves in `db::ledger`).
+//! - `disputes`: buyers' disputes of requests and escrows, and their resolution (refunds through the ledger).
 //! - `ssrf`: which addresses a seller's base URL may reach; `provider`: calls to providers off the request
 //!   path (key verification, balance readings, webhooks).
 //! - `health` (per node): each key's success/latency averages, cooldowns and circuit; `risk`: scheduled
 //!   checks (dilution, failure rate, depletion), re-verification, webhook delivery.
+//! - `analytics`: reports, time series and CSV exports over the hourly usage rollups (docs/reports.md).
 //! - `metrics`: every Prometheus metric, defined once.
 //! - `cli`: the admin commands of the binary; `telemetry`: logging.
 //! - `app`: wires config, database, services and listeners together.
 
 pub mod accounts;
 pub mod admin;
+pub mod analytics;
 pub mod app;
 pub mod billing;
 pub mod cli;
@@ -28,6 +31,7 @@ pub mod config;
 pub mod credentials;
 pub mod crypto;
 pub mod db;
+pub mod disputes;
 pub mod health;
 pub mod ledger;
 pub mod metrics;

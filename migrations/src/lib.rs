@@ -8,6 +8,7 @@ mod m20261124_000001_create_tables;
 mod m20261124_000002_ledger;
 mod m20261124_000003_key_events;
 mod m20261124_000004_risk;
+mod m20261124_000005_reports;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000002_ledger::Migration),
             Box::new(m20261124_000003_key_events::Migration),
             Box::new(m20261124_000004_risk::Migration),
+            Box::new(m20261124_000005_reports::Migration),
         ]
     }
 }

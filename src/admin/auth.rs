@@ -5,13 +5,20 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::{header, request::Parts, HeaderMap, StatusCode};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::{ApiError, ApiJson};
+use super::error::{ApiError, ApiJson, ErrorBody};
 use super::views::UserView;
 use super::AdminState;
 use crate::accounts::{self, AccountError, Role};
 use crate::crypto::Secret;
 use crate::db::entities::users;
+
+pub(super) fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new().routes(routes!(login)).routes(routes!(logout)).routes(routes!(me))
+}
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -64,20 +71,37 @@ role_extractor!(SellerUser, Role::Seller);
 role_extractor!(BuyerUser, Role::Buyer);
 
 /// No `Debug`: it holds a password.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     username: String,
     password: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct LoginResponse {
+    /// The session token: send it as `Authorization: Bearer <token>`.
     token: String,
     expires_at_ms: i64,
     user: UserView,
 }
 
+/// Opens a session. A wrong username or password and a disabled user all answer 401 alike.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/login",
+    operation_id = "auth_login",
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "A new session", body = LoginResponse),
+        (status = 400, description = "Malformed or invalid body", body = ErrorBody),
+        (status = 401, description = "Invalid credentials", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not a JSON body", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    )
+)]
 pub async fn login(
     State(state): State<AdminState>,
     ApiJson(req): ApiJson<LoginRequest>,
@@ -87,11 +111,37 @@ pub async fn login(
     Ok(Json(LoginResponse { token: token.expose().to_string(), expires_at_ms, user: UserView::from(&user) }))
 }
 
+/// Ends the session whose token is presented.
+#[utoipa::path(
+    post,
+    path = "/api/v1/auth/logout",
+    operation_id = "auth_logout",
+    tag = "auth",
+    responses(
+        (status = 204, description = "The session is closed"),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn logout(State(state): State<AdminState>, session: Session) -> Result<StatusCode, ApiError> {
     accounts::logout(&state.db, session.token.expose()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The logged-in user.
+#[utoipa::path(
+    get,
+    path = "/api/v1/me",
+    operation_id = "auth_me",
+    tag = "auth",
+    responses(
+        (status = 200, description = "The caller", body = UserView),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn me(session: Session) -> Json<UserView> {
     Json(UserView::from(&session.user))
 }

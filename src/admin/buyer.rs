@@ -4,14 +4,21 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::BuyerUser;
-use super::error::{ApiError, ApiJson, ApiPath};
+use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::views::{BuyerKeyView, CreatedBuyerKey};
 use super::AdminState;
 use crate::accounts;
 
-#[derive(Debug, Deserialize)]
+pub(super) fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new().routes(routes!(create, list)).routes(routes!(revoke))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBuyerKey {
     name: String,
@@ -22,11 +29,29 @@ pub struct CreateBuyerKey {
     expires_at_ms: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct BuyerKeyList {
     keys: Vec<BuyerKeyView>,
 }
 
+/// Issues a platform key for calling the gateway; the key itself is in this answer only.
+#[utoipa::path(
+    post,
+    path = "/api/v1/buyer/keys",
+    operation_id = "buyer_keys_create",
+    tag = "buyer",
+    request_body = CreateBuyerKey,
+    responses(
+        (status = 201, description = "The new key, shown once", body = CreatedBuyerKey),
+        (status = 400, description = "Malformed or invalid body", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a buyer", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not a JSON body", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AdminState>,
     BuyerUser(user): BuyerUser,
@@ -39,12 +64,43 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
+/// The caller's keys, without the keys themselves.
+#[utoipa::path(
+    get,
+    path = "/api/v1/buyer/keys",
+    operation_id = "buyer_keys_list",
+    tag = "buyer",
+    responses(
+        (status = 200, description = "The caller's keys", body = BuyerKeyList),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a buyer", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list(State(state): State<AdminState>, BuyerUser(user): BuyerUser) -> Result<Json<BuyerKeyList>, ApiError> {
     let now = crate::now_ms();
     let keys = accounts::list_buyer_keys(&state.db, user.id).await?;
     Ok(Json(BuyerKeyList { keys: keys.iter().map(|k| BuyerKeyView::new(k, now)).collect() }))
 }
 
+/// Revokes one of the caller's keys; the gateway refuses it from the moment this answers.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/buyer/keys/{id}",
+    operation_id = "buyer_keys_revoke",
+    tag = "buyer",
+    params(("id" = i64, Path, description = "Buyer key id")),
+    responses(
+        (status = 200, description = "The revoked key", body = BuyerKeyView),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a buyer", body = ErrorBody),
+        (status = 404, description = "No such key of the caller's", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn revoke(
     State(state): State<AdminState>,
     BuyerUser(user): BuyerUser,

@@ -10,7 +10,23 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::accounts::AccountError;
+use crate::disputes::DisputeError;
 use crate::ledger::FundsError;
+
+/// The schema of every error answer, `{"error":{"code":"...","message":"..."}}`, for the OpenAPI document;
+/// [`ApiError`] writes this shape.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `not_found`, `invalid_request`, `unauthorized`, `forbidden`, `conflict`, ...
+    pub code: String,
+    /// For people; never contains secrets or internal detail.
+    pub message: String,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -18,6 +34,8 @@ pub enum ApiError {
     Account(#[from] AccountError),
     #[error(transparent)]
     Funds(#[from] FundsError),
+    #[error(transparent)]
+    Dispute(#[from] DisputeError),
     /// The body is not JSON at all.
     #[error("{message}")]
     MalformedJson { message: String },
@@ -43,6 +61,7 @@ impl ApiError {
         match self {
             Self::Account(e) => e.status(),
             Self::Funds(e) => e.status(),
+            Self::Dispute(e) => e.status(),
             Self::MalformedJson { .. }
             | Self::InvalidBody { .. }
             | Self::InvalidPath { .. }
@@ -58,6 +77,7 @@ impl ApiError {
         match self {
             Self::Account(e) => e.code(),
             Self::Funds(e) => e.code(),
+            Self::Dispute(e) => e.code(),
             Self::MalformedJson { .. } => "malformed_json",
             Self::InvalidBody { .. } | Self::InvalidPath { .. } | Self::InvalidQuery { .. } => "invalid_request",
             Self::UnsupportedMediaType => "unsupported_media_type",

@@ -5,25 +5,25 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, patch};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::AdminUser;
-use super::error::{ApiError, ApiJson, ApiPath};
+use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::views::SellerKeyView;
 use super::AdminState;
 use crate::accounts::{self, status, AccountError, NewSellerKey};
-use crate::db::{hosted_keys, key_events};
+use crate::db::hosted_keys;
 
-pub fn routes() -> Router<AdminState> {
-    Router::new()
-        .route("/api/v1/admin/fallback-keys", get(list).post(create))
-        .route("/api/v1/admin/fallback-keys/{id}", patch(update).get(get_one))
+pub(super) fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new().routes(routes!(list, create)).routes(routes!(update, get_one))
 }
 
 /// No `Debug`: it holds the provider API key.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateFallbackKey {
     #[serde(default)]
@@ -44,7 +44,7 @@ pub struct CreateFallbackKey {
     max_concurrency: i64,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateFallbackKey {
     #[serde(default)]
@@ -56,7 +56,7 @@ pub struct UpdateFallbackKey {
     status: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct FallbackKeyView {
     #[serde(flatten)]
     key: SellerKeyView,
@@ -69,7 +69,7 @@ impl From<&hosted_keys::Model> for FallbackKeyView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct FallbackKeyList {
     /// In the order they are tried.
     keys: Vec<FallbackKeyView>,
@@ -88,6 +88,24 @@ fn check_priority(priority: i64) -> Result<(), AccountError> {
     Ok(())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/admin/fallback-keys",
+    operation_id = "admin_fallback_keys_create",
+    tag = "fallback",
+    request_body = CreateFallbackKey,
+    responses(
+        (status = 201, description = "The new fallback key", body = FallbackKeyView),
+        (status = 400, description = "Malformed or invalid request; with verification on, the field the provider refused", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not a JSON body", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+        (status = 503, description = "The provider could not answer; retry later", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AdminState>,
     AdminUser(admin): AdminUser,
@@ -120,7 +138,23 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(FallbackKeyView::from(&key))))
 }
 
-pub async fn list(State(state): State<AdminState>, AdminUser(_): AdminUser) -> Result<Json<FallbackKeyList>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/fallback-keys",
+    operation_id = "admin_fallback_keys_list",
+    tag = "fallback",
+    responses(
+        (status = 200, description = "The fallback keys, in the order they are tried", body = FallbackKeyList),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<AdminState>,
+    AdminUser(_admin): AdminUser,
+) -> Result<Json<FallbackKeyList>, ApiError> {
     let keys = hosted_keys::list_platform(&state.db).await.map_err(AccountError::from)?;
     Ok(Json(FallbackKeyList { keys: keys.iter().map(FallbackKeyView::from).collect() }))
 }
@@ -132,9 +166,25 @@ async fn find_platform(state: &AdminState, id: i64) -> Result<hosted_keys::Model
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/fallback-keys/{id}",
+    operation_id = "admin_fallback_keys_get",
+    tag = "fallback",
+    params(("id" = i64, Path, description = "Fallback key id")),
+    responses(
+        (status = 200, description = "The fallback key", body = FallbackKeyView),
+        (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "No such fallback key", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn get_one(
     State(state): State<AdminState>,
-    AdminUser(_): AdminUser,
+    AdminUser(_admin): AdminUser,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<FallbackKeyView>, ApiError> {
     Ok(Json(FallbackKeyView::from(&find_platform(&state, id).await?)))
@@ -142,6 +192,26 @@ pub async fn get_one(
 
 /// Changes priority and name, and pauses or resumes the key. A key that risk control flagged or found depleted
 /// cannot be resumed here (409); its review goes through the flagged-key review.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/admin/fallback-keys/{id}",
+    operation_id = "admin_fallback_keys_update",
+    tag = "fallback",
+    params(("id" = i64, Path, description = "Fallback key id")),
+    request_body = UpdateFallbackKey,
+    responses(
+        (status = 200, description = "The updated fallback key", body = FallbackKeyView),
+        (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not an admin", body = ErrorBody),
+        (status = 404, description = "No such fallback key", body = ErrorBody),
+        (status = 409, description = "The key cannot change to that status (flagged or depleted, or changed meanwhile)", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not a JSON body", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn update(
     State(state): State<AdminState>,
     AdminUser(admin): AdminUser,
@@ -177,23 +247,21 @@ pub async fn update(
             .into());
         }
         let cause = if to == status::PAUSED { "admin" } else { "" };
+        let change = crate::db::risk::Transition {
+            key_id: id,
+            owner_id: key.owner_id,
+            from,
+            to,
+            cause,
+            review: crate::db::risk::review::NONE,
+            next_check_at_ms: None,
+            only_causes: &[],
+            reason: if to == status::PAUSED { "paused by an admin" } else { "resumed by an admin" },
+            actor_id: Some(admin.id),
+            now_ms: now,
+        };
         let txn = sea_orm::TransactionTrait::begin(db).await.map_err(AccountError::from)?;
-        let changed = hosted_keys::transition_status_with_cause(&txn, key.owner_id, id, from, to, cause, now)
-            .await
-            .map_err(AccountError::from)?;
-        if changed {
-            let reason = if to == status::PAUSED { "paused by an admin" } else { "resumed by an admin" };
-            let event = key_events::NewEvent {
-                hosted_key_id: id,
-                owner_id: key.owner_id,
-                from_status: Some(from),
-                to_status: to,
-                reason,
-                actor_id: Some(admin.id),
-                now_ms: now,
-            };
-            key_events::record(&txn, event).await.map_err(AccountError::from)?;
-        }
+        let changed = crate::db::risk::transition(&txn, &change).await.map_err(AccountError::from)?;
         txn.commit().await.map_err(AccountError::from)?;
         if !changed {
             return Err(AccountError::Conflict { message: "the key changed status meanwhile; try again".into() }.into());

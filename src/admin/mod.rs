@@ -6,10 +6,17 @@
 //! role, and another user's object is reported as missing (404), never as forbidden, so that ids reveal
 //! nothing. Changes that affect routing or buyer authentication reload the pool and answer only once the reload
 //! is in place, so a revoked key is refused from the moment the revocation is confirmed.
+//!
+//! The API describes itself: every handler carries `#[utoipa::path]` and is registered with
+//! `utoipa_axum::routes!`, and the resulting OpenAPI 3.1 document is served at [`OPENAPI_PATH`]
+//! (docs/openapi.md).
 
+mod analytics;
 mod auth;
 mod buyer;
+mod console;
 mod credits;
+mod disputes;
 mod error;
 mod fallback;
 mod funds;
@@ -25,19 +32,25 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue};
-use axum::response::Response;
-use axum::routing::{delete, get, post, put};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::{Json, Router};
 use sea_orm::DatabaseConnection;
-use serde_json::{json, Value};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub use error::ApiError;
+pub use error::{ApiError, ErrorBody, ErrorDetail};
 
 use crate::crypto::Keyring;
 use crate::pool::RefreshHandle;
 
 /// Admin requests are small JSON documents; anything larger is a mistake or an attack.
 const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Where the OpenAPI document of this API is served (not itself part of the document).
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -53,40 +66,63 @@ pub struct AdminState {
     pub risk: crate::config::RiskConfig,
 }
 
-pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/api/v1/auth/login", post(auth::login))
-        .route("/api/v1/auth/logout", post(auth::logout))
-        .route("/api/v1/me", get(auth::me))
-        .route("/api/v1/buyer/keys", post(buyer::create).get(buyer::list))
-        .route("/api/v1/buyer/keys/{id}", delete(buyer::revoke))
-        .route("/api/v1/seller/keys", post(seller::create).get(seller::list))
-        .route("/api/v1/seller/keys/{id}", get(seller::get))
-        .route("/api/v1/seller/keys/{id}", axum::routing::patch(seller::update))
-        .route("/api/v1/seller/keys/{id}/pause", post(seller::pause))
-        .route("/api/v1/seller/keys/{id}/resume", post(seller::resume))
-        .route("/api/v1/seller/keys/{id}/events", get(seller::events))
-        .route("/api/v1/notifications", get(seller::notifications))
-        .route("/api/v1/notifications/{id}/read", post(seller::read_notification))
-        .route("/api/v1/admin/users", post(users::create_user).get(users::list_users))
-        .route("/api/v1/admin/keys", get(users::list_keys))
-        .route("/api/v1/admin/users/{id}/credits", post(credits::grant))
-        .route("/api/v1/admin/users/{id}/settings", put(credits::set_user_settings))
-        .route("/api/v1/admin/requests/{request_id}/refund", post(credits::refund))
-        // A wildcard: model names may contain slashes (`meta-llama/llama-3-70b`).
-        .route("/api/v1/admin/prices/{*model}", put(credits::set_price).delete(credits::delete_price))
-        .route("/api/v1/admin/ledger/check", get(credits::check))
-        .route("/api/v1/prices", get(credits::list_prices))
-        .route("/api/v1/buyer/wallet", get(funds::wallet))
-        .route("/api/v1/buyer/settings", put(funds::set_settings))
-        .route("/api/v1/buyer/escrows", post(funds::create_escrow).get(funds::list_escrows))
-        .route("/api/v1/buyer/escrows/{id}/release", post(funds::release_escrow))
-        .route("/api/v1/buyer/transactions", get(funds::buyer_transactions))
-        .route("/api/v1/seller/earnings", get(funds::earnings))
-        .route("/api/v1/seller/transactions", get(funds::seller_transactions))
+/// The document's root: what the handlers' `#[utoipa::path]` annotations do not say.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "token-exchange admin API", description = "Logins, keys, credits, analytics and disputes."),
+    components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&BearerScheme)
+)]
+struct ApiDoc;
+
+/// `bearer`: the session token from `auth_login`, sent as `Authorization: Bearer <token>`.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// Every documented route. Each module registers its handlers with `routes!`, which takes the path and
+/// method from the handler's `#[utoipa::path]`: the router and the document come from the same
+/// registrations, so they cannot disagree.
+fn api_router() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .merge(auth::routes())
+        .merge(buyer::routes())
+        .merge(seller::routes())
+        .merge(users::routes())
+        .merge(credits::routes())
+        .merge(funds::routes())
         .merge(risk::routes())
         .merge(fallback::routes())
+        .merge(analytics::routes())
+        .merge(disputes::routes())
+}
+
+/// The OpenAPI document of the admin API, as served at [`OPENAPI_PATH`].
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, doc) = api_router().split_for_parts();
+    document_wildcards(doc)
+}
+
+/// Axum's catch-all segments (`{*model}`) are not OpenAPI: the document names them as plain parameters
+/// (`{model}`). Clients percent-encode a slash in the value (`meta-llama%2Fllama-3`); the catch-all also
+/// accepts it raw.
+fn document_wildcards(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    let paths = std::mem::take(&mut doc.paths.paths);
+    doc.paths.paths = paths.into_iter().map(|(path, item)| (path.replace("{*", "{"), item)).collect();
+    doc
+}
+
+pub fn router(state: AdminState) -> Router {
+    let (api, doc) = api_router().split_for_parts();
+    let doc = Arc::new(document_wildcards(doc));
+    api.route(OPENAPI_PATH, get(move || serve_openapi(Arc::clone(&doc))))
+        .merge(console::routes())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -94,8 +130,27 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+async fn serve_openapi(doc: Arc<utoipa::openapi::OpenApi>) -> Response {
+    Json(doc.as_ref()).into_response()
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Health {
+    /// Always `ok`: the admin API answers.
+    #[schema(value_type = String, example = "ok")]
+    status: &'static str,
+}
+
+/// Liveness of the admin API; no session needed.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "health",
+    responses((status = 200, description = "The admin API answers", body = Health))
+)]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 /// Responses carry session tokens and new keys; no cache or proxy may keep any of them.

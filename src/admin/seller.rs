@@ -5,15 +5,29 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auth::SellerUser;
-use super::error::{ApiError, ApiJson, ApiPath};
+use super::error::{ApiError, ApiJson, ApiPath, ErrorBody};
 use super::views::SellerKeyView;
 use super::AdminState;
 use crate::accounts::{self, NewSellerKey, SellerKeyChanges};
 
+pub(super) fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(get, update))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(events))
+        .routes(routes!(notifications))
+        .routes(routes!(read_notification))
+}
+
 /// No `Debug`: it holds the seller's API key.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSellerKey {
     #[serde(default)]
@@ -35,7 +49,7 @@ pub struct CreateSellerKey {
 }
 
 /// `PATCH /api/v1/seller/keys/{id}`: absent fields stay as they are.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSellerKey {
     #[serde(default)]
@@ -48,13 +62,31 @@ pub struct UpdateSellerKey {
     balance_api: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct SellerKeyList {
     keys: Vec<SellerKeyView>,
 }
 
 /// Deposits a key. With `risk.verify_on_deposit` (the default) the key is verified against its provider
 /// first: 400 names the field to fix, 503 means the provider could not answer now.
+#[utoipa::path(
+    post,
+    path = "/api/v1/seller/keys",
+    operation_id = "seller_keys_create",
+    tag = "seller",
+    request_body = CreateSellerKey,
+    responses(
+        (status = 201, description = "The deposited key", body = SellerKeyView),
+        (status = 400, description = "Malformed or invalid request; with verification on, the field the provider refused", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a seller", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not a JSON body", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+        (status = 503, description = "The provider could not answer; retry later", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AdminState>,
     SellerUser(user): SellerUser,
@@ -86,6 +118,25 @@ pub async fn create(
 }
 
 /// Changes the key's name, caps or balance adapter; the gateway applies new caps once this answers.
+#[utoipa::path(
+    patch,
+    path = "/api/v1/seller/keys/{id}",
+    operation_id = "seller_keys_update",
+    tag = "seller",
+    params(("id" = i64, Path, description = "Seller key id")),
+    request_body = UpdateSellerKey,
+    responses(
+        (status = 200, description = "The updated key", body = SellerKeyView),
+        (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a seller", body = ErrorBody),
+        (status = 404, description = "No such key of the caller's", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not a JSON body", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn update(
     State(state): State<AdminState>,
     SellerUser(user): SellerUser,
@@ -103,6 +154,19 @@ pub async fn update(
     Ok(Json(SellerKeyView::new(&key, crate::now_ms())))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/seller/keys",
+    operation_id = "seller_keys_list",
+    tag = "seller",
+    responses(
+        (status = 200, description = "The caller's keys", body = SellerKeyList),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a seller", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AdminState>,
     SellerUser(user): SellerUser,
@@ -112,6 +176,22 @@ pub async fn list(
     Ok(Json(SellerKeyList { keys: keys.iter().map(|k| SellerKeyView::new(k, now)).collect() }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/seller/keys/{id}",
+    operation_id = "seller_keys_get",
+    tag = "seller",
+    params(("id" = i64, Path, description = "Seller key id")),
+    responses(
+        (status = 200, description = "The key", body = SellerKeyView),
+        (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a seller", body = ErrorBody),
+        (status = 404, description = "No such key of the caller's", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AdminState>,
     SellerUser(user): SellerUser,
@@ -121,6 +201,23 @@ pub async fn get(
     Ok(Json(SellerKeyView::new(&key, crate::now_ms())))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/seller/keys/{id}/pause",
+    operation_id = "seller_keys_pause",
+    tag = "seller",
+    params(("id" = i64, Path, description = "Seller key id")),
+    responses(
+        (status = 200, description = "The paused key", body = SellerKeyView),
+        (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a seller", body = ErrorBody),
+        (status = 404, description = "No such key of the caller's", body = ErrorBody),
+        (status = 409, description = "The key is in a status that cannot be paused", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn pause(
     State(state): State<AdminState>,
     SellerUser(user): SellerUser,
@@ -129,6 +226,23 @@ pub async fn pause(
     set_paused(state, user.id, id, true).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/seller/keys/{id}/resume",
+    operation_id = "seller_keys_resume",
+    tag = "seller",
+    params(("id" = i64, Path, description = "Seller key id")),
+    responses(
+        (status = 200, description = "The resumed key", body = SellerKeyView),
+        (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a seller", body = ErrorBody),
+        (status = 404, description = "No such key of the caller's", body = ErrorBody),
+        (status = 409, description = "The key is in a status that cannot be resumed (e.g. flagged)", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn resume(
     State(state): State<AdminState>,
     SellerUser(user): SellerUser,
@@ -143,12 +257,28 @@ async fn set_paused(state: AdminState, owner_id: i64, id: i64, paused: bool) -> 
     Ok(Json(SellerKeyView::new(&key, crate::now_ms())))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct KeyEventList {
     pub events: Vec<crate::db::key_events::KeyEvent>,
 }
 
 /// The key's status history: every change with its reason and who made it (null: the platform).
+#[utoipa::path(
+    get,
+    path = "/api/v1/seller/keys/{id}/events",
+    operation_id = "seller_keys_events",
+    tag = "seller",
+    params(("id" = i64, Path, description = "Seller key id")),
+    responses(
+        (status = 200, description = "The key's status history, oldest first", body = KeyEventList),
+        (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 403, description = "Not a seller", body = ErrorBody),
+        (status = 404, description = "No such key of the caller's", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn events(
     State(state): State<AdminState>,
     SellerUser(user): SellerUser,
@@ -157,12 +287,24 @@ pub async fn events(
     Ok(Json(KeyEventList { events: accounts::seller_key_events(&state.db, user.id, id).await? }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct NotificationList {
     pub notifications: Vec<crate::db::key_events::Notification>,
 }
 
 /// The caller's notifications, newest first (the last 200).
+#[utoipa::path(
+    get,
+    path = "/api/v1/notifications",
+    operation_id = "notifications_list",
+    tag = "notifications",
+    responses(
+        (status = 200, description = "The caller's notifications, newest first", body = NotificationList),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn notifications(
     State(state): State<AdminState>,
     session: super::auth::Session,
@@ -174,6 +316,21 @@ pub async fn notifications(
 }
 
 /// Marks one of the caller's notifications read (again: no change); another user's is not found.
+#[utoipa::path(
+    post,
+    path = "/api/v1/notifications/{id}/read",
+    operation_id = "notifications_read",
+    tag = "notifications",
+    params(("id" = i64, Path, description = "Notification id")),
+    responses(
+        (status = 204, description = "Marked read"),
+        (status = 400, description = "Malformed or invalid request", body = ErrorBody),
+        (status = 401, description = "No valid session", body = ErrorBody),
+        (status = 404, description = "No such notification of the caller's", body = ErrorBody),
+        (status = 500, description = "Server error", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
 pub async fn read_notification(
     State(state): State<AdminState>,
     session: super::auth::Session,

@@ -1,5 +1,6 @@
 //! The router served on a real loopback port, driven with reqwest, on a throw-away SQLite database.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -986,4 +987,324 @@ async fn key_events_and_notifications_belong_to_the_owner() {
     let read = api.call(Method::POST, &format!("/api/v1/notifications/{note_id}/read"), Some(&seller), None).await;
     assert_eq!(read.status, 204);
     assert!(api.get("/api/v1/notifications", &seller).await.json["notifications"][0]["read_at_ms"].as_i64().is_some());
+}
+
+// ---- The OpenAPI document (GET /api/v1/openapi.json) against the router ----
+
+/// Every operation of the admin API as the console calls it (issue 5 contract): id, method, path.
+const CONTRACT_OPERATIONS: &[(&str, &str, &str)] = &[
+    ("healthz", "get", "/healthz"),
+    ("auth_login", "post", "/api/v1/auth/login"),
+    ("auth_logout", "post", "/api/v1/auth/logout"),
+    ("auth_me", "get", "/api/v1/me"),
+    ("buyer_keys_create", "post", "/api/v1/buyer/keys"),
+    ("buyer_keys_list", "get", "/api/v1/buyer/keys"),
+    ("buyer_keys_revoke", "delete", "/api/v1/buyer/keys/{id}"),
+    ("seller_keys_create", "post", "/api/v1/seller/keys"),
+    ("seller_keys_list", "get", "/api/v1/seller/keys"),
+    ("seller_keys_get", "get", "/api/v1/seller/keys/{id}"),
+    ("seller_keys_update", "patch", "/api/v1/seller/keys/{id}"),
+    ("seller_keys_pause", "post", "/api/v1/seller/keys/{id}/pause"),
+    ("seller_keys_resume", "post", "/api/v1/seller/keys/{id}/resume"),
+    ("seller_keys_events", "get", "/api/v1/seller/keys/{id}/events"),
+    ("notifications_list", "get", "/api/v1/notifications"),
+    ("notifications_read", "post", "/api/v1/notifications/{id}/read"),
+    ("admin_users_create", "post", "/api/v1/admin/users"),
+    ("admin_users_list", "get", "/api/v1/admin/users"),
+    ("admin_keys_list", "get", "/api/v1/admin/keys"),
+    ("admin_credits_grant", "post", "/api/v1/admin/users/{id}/credits"),
+    ("admin_user_settings_set", "put", "/api/v1/admin/users/{id}/settings"),
+    ("admin_requests_refund", "post", "/api/v1/admin/requests/{request_id}/refund"),
+    ("admin_prices_set", "put", "/api/v1/admin/prices/{model}"),
+    ("admin_prices_delete", "delete", "/api/v1/admin/prices/{model}"),
+    ("admin_ledger_check", "get", "/api/v1/admin/ledger/check"),
+    ("prices_list", "get", "/api/v1/prices"),
+    ("buyer_wallet", "get", "/api/v1/buyer/wallet"),
+    ("buyer_settings_set", "put", "/api/v1/buyer/settings"),
+    ("buyer_escrows_create", "post", "/api/v1/buyer/escrows"),
+    ("buyer_escrows_list", "get", "/api/v1/buyer/escrows"),
+    ("buyer_escrows_release", "post", "/api/v1/buyer/escrows/{id}/release"),
+    ("buyer_transactions", "get", "/api/v1/buyer/transactions"),
+    ("seller_earnings", "get", "/api/v1/seller/earnings"),
+    ("seller_transactions", "get", "/api/v1/seller/transactions"),
+    ("admin_reviews_list", "get", "/api/v1/admin/reviews"),
+    ("admin_key_samples", "get", "/api/v1/admin/keys/{id}/samples"),
+    ("admin_key_review", "post", "/api/v1/admin/keys/{id}/review"),
+    ("seller_webhook_set", "put", "/api/v1/seller/webhook"),
+    ("seller_webhook_get", "get", "/api/v1/seller/webhook"),
+    ("seller_webhook_delete", "delete", "/api/v1/seller/webhook"),
+    ("admin_fallback_keys_create", "post", "/api/v1/admin/fallback-keys"),
+    ("admin_fallback_keys_list", "get", "/api/v1/admin/fallback-keys"),
+    ("admin_fallback_keys_get", "get", "/api/v1/admin/fallback-keys/{id}"),
+    ("admin_fallback_keys_update", "patch", "/api/v1/admin/fallback-keys/{id}"),
+    ("analytics_platform", "get", "/api/v1/analytics/platform"),
+    ("analytics_user", "get", "/api/v1/analytics/user"),
+    ("analytics_timeseries", "get", "/api/v1/analytics/timeseries"),
+    ("export_usage_csv", "get", "/api/v1/exports/usage.csv"),
+    ("export_transactions_csv", "get", "/api/v1/exports/transactions.csv"),
+    ("buyer_disputes_create", "post", "/api/v1/buyer/disputes"),
+    ("buyer_disputes_list", "get", "/api/v1/buyer/disputes"),
+    ("admin_disputes_list", "get", "/api/v1/admin/disputes"),
+    ("admin_disputes_resolve", "post", "/api/v1/admin/disputes/{id}/resolve"),
+];
+
+const HTTP_METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
+/// One documented operation: method, path template, and its object in the document.
+struct Operation {
+    method: String,
+    path: String,
+    op: Value,
+}
+
+impl Operation {
+    fn id(&self) -> &str {
+        self.op["operationId"].as_str().unwrap_or_default()
+    }
+
+    fn is_secured(&self) -> bool {
+        self.op["security"].as_array().is_some_and(|s| s.iter().any(|r| r.get("bearer").is_some()))
+    }
+
+    fn declares(&self, status: u16) -> bool {
+        self.op["responses"].get(status.to_string()).is_some()
+    }
+
+    /// The path with every parameter replaced by a value of its type: integers by 1, strings by a value
+    /// with a percent-encoded slash (model names contain slashes).
+    fn concrete_path(&self) -> String {
+        let mut path = self.path.clone();
+        for param in self.op["parameters"].as_array().into_iter().flatten().filter(|p| p["in"] == "path") {
+            let name = param["name"].as_str().unwrap();
+            let value = if param["schema"]["type"] == "integer" { "1" } else { "org%2Fdummy" };
+            path = path.replace(&format!("{{{name}}}"), value);
+        }
+        assert!(!path.contains('{'), "{} {}: undeclared path parameter", self.method, self.path);
+        path
+    }
+}
+
+impl Api {
+    async fn openapi(&self) -> Value {
+        let reply = self.call(Method::GET, OPENAPI_PATH, None, None).await;
+        assert_eq!(reply.status, 200, "{}", reply.json);
+        assert_eq!(reply.cache_control.as_deref(), Some("no-store"));
+        reply.json
+    }
+}
+
+fn operations(doc: &Value) -> Vec<Operation> {
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            assert!(HTTP_METHODS.contains(&method.as_str()), "{method} {path}");
+            out.push(Operation { method: method.clone(), path: path.clone(), op: op.clone() });
+        }
+    }
+    out
+}
+
+/// The properties and required properties of a schema, following `$ref` and `allOf`.
+fn schema_fields(doc: &Value, schema: &Value) -> (BTreeSet<String>, BTreeSet<String>) {
+    if let Some(reference) = schema["$ref"].as_str() {
+        let name = reference.strip_prefix("#/components/schemas/").unwrap();
+        return schema_fields(doc, &doc["components"]["schemas"][name]);
+    }
+    let mut properties: BTreeSet<String> =
+        schema["properties"].as_object().into_iter().flatten().map(|(k, _)| k.clone()).collect();
+    let mut required: BTreeSet<String> =
+        schema["required"].as_array().into_iter().flatten().map(|r| r.as_str().unwrap().to_string()).collect();
+    for part in schema["allOf"].as_array().into_iter().flatten() {
+        let (p, r) = schema_fields(doc, part);
+        properties.extend(p);
+        required.extend(r);
+    }
+    (properties, required)
+}
+
+fn collect_refs(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::String(reference)) = map.get("$ref") {
+                out.push(reference.clone());
+            }
+            map.values().for_each(|v| collect_refs(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_refs(v, out)),
+        _ => {}
+    }
+}
+
+fn find_operation(doc: &Value, id: &str) -> Operation {
+    operations(doc).into_iter().find(|o| o.id() == id).unwrap_or_else(|| panic!("{id} is not in the document"))
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_operation_once() {
+    let api = Api::start().await;
+    let doc = api.openapi().await;
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1.")), "{}", doc["openapi"]);
+    assert_eq!(doc["info"]["title"], "token-exchange admin API");
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"], json!({"type": "http", "scheme": "bearer"}));
+    assert_eq!(doc, serde_json::to_value(openapi()).unwrap(), "served as built");
+
+    let ops = operations(&doc);
+    let mut seen = BTreeSet::new();
+    for op in &ops {
+        assert!(!op.id().is_empty(), "{} {} has no operationId", op.method, op.path);
+        assert!(seen.insert(op.id().to_string()), "operationId {} is used twice", op.id());
+        assert!(op.op["tags"].as_array().is_some_and(|t| !t.is_empty()), "{} has no tag", op.id());
+        for (status, response) in op.op["responses"].as_object().unwrap() {
+            if status.starts_with('4') || status.starts_with('5') {
+                let schema = &response["content"]["application/json"]["schema"];
+                assert_eq!(schema["$ref"], "#/components/schemas/ErrorBody", "{} {status}", op.id());
+            }
+        }
+    }
+    let missing: Vec<&str> = CONTRACT_OPERATIONS
+        .iter()
+        .filter(|(id, method, path)| !ops.iter().any(|o| o.id() == *id && o.method == *method && o.path == *path))
+        .map(|(id, _, _)| *id)
+        .collect();
+    assert!(missing.is_empty(), "contract operations missing from the document (or at another path): {missing:?}");
+    assert!(!doc["paths"].as_object().unwrap().keys().any(|p| p.contains('*')), "wildcards are documented as {{name}}");
+    let mut refs = Vec::new();
+    collect_refs(&doc, &mut refs);
+    for reference in refs {
+        let name = reference.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{reference}"));
+        assert!(doc["components"]["schemas"].get(name).is_some(), "dangling reference {reference}");
+    }
+    let (fields, required) = schema_fields(&doc, &json!({"$ref": "#/components/schemas/ErrorBody"}));
+    assert_eq!((fields.len(), required.len()), (1, 1));
+    let (fields, _) = schema_fields(&doc, &doc["components"]["schemas"]["ErrorBody"]["properties"]["error"]);
+    assert_eq!(fields, BTreeSet::from(["code".to_string(), "message".to_string()]));
+}
+
+/// Document → router: every documented operation is routed (never the router's own 404 or 405).
+/// Router → document: on a documented path, every method the document does not name is refused with 405.
+/// Sessions: an operation answers 401 without a token exactly when it declares the bearer scheme.
+#[tokio::test]
+async fn the_document_and_the_router_agree() {
+    let api = Api::start().await;
+    let doc = api.openapi().await;
+    let ops = operations(&doc);
+    assert!(ops.len() >= 45, "{}", ops.len());
+    for op in &ops {
+        let path = op.concrete_path();
+        let method = Method::from_bytes(op.method.to_uppercase().as_bytes()).unwrap();
+        let reply = api.call(method, &path, None, None).await;
+        let what = format!("{} {path} ({}): {} {}", op.method, op.id(), reply.status, reply.json);
+        let route_not_found = reply.status == 404 && reply.json["error"]["message"] == "no such endpoint";
+        assert!(!route_not_found && reply.status != 405, "documented but not routed: {what}");
+        assert!(op.declares(reply.status), "answered a status it does not declare: {what}");
+        if op.is_secured() {
+            assert_eq!(reply.status, 401, "declares bearer but answers without a session: {what}");
+        } else {
+            assert_ne!(reply.status, 401, "needs a session but does not declare bearer: {what}");
+        }
+    }
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let template = Operation {
+            method: String::new(),
+            path: path.clone(),
+            op: item.as_object().unwrap().values().next().unwrap().clone(),
+        };
+        let concrete = template.concrete_path();
+        for method in HTTP_METHODS.iter().filter(|m| item.get(**m).is_none()) {
+            let reply =
+                api.call(Method::from_bytes(method.to_uppercase().as_bytes()).unwrap(), &concrete, None, None).await;
+            assert_error(&reply, 405, "method_not_allowed");
+        }
+    }
+    // Not documented, not routed: the document is the whole API.
+    let reply = api.call(Method::GET, "/api/v1/no-such-endpoint", None, None).await;
+    assert_error(&reply, 404, "not_found");
+}
+
+#[tokio::test]
+async fn the_documented_price_path_takes_percent_encoded_model_names() {
+    let api = Api::start().await;
+    let admin = api.login("admin", ADMIN_PASSWORD).await;
+    let doc = api.openapi().await;
+    let set = find_operation(&doc, "admin_prices_set");
+    let path = set.path.replace("{model}", "meta-llama%2Fllama-3");
+    let reply = api.call(Method::PUT, &path, Some(&admin), Some(price_body())).await;
+    assert_eq!((reply.status, reply.json["model"].clone()), (200, json!("meta-llama/llama-3")), "{}", reply.json);
+    let raw = api.call(Method::PUT, "/api/v1/admin/prices/meta-llama/llama-3", Some(&admin), Some(price_body())).await;
+    assert_eq!((raw.status, raw.json["model"].clone()), (200, json!("meta-llama/llama-3")), "the raw form still works");
+    let delete = find_operation(&doc, "admin_prices_delete");
+    let reply =
+        api.call(Method::DELETE, &delete.path.replace("{model}", "meta-llama%2Fllama-3"), Some(&admin), None).await;
+    assert_eq!(reply.status, 204, "{}", reply.json);
+    assert_eq!(api.get("/api/v1/prices", &admin).await.json, json!([]));
+}
+
+/// For a few operations: the fields the document gives the request body are exactly those the handler
+/// accepts (all of them at once succeed, one more is refused), a field is required in the document
+/// exactly when leaving it out is refused, and the answer has every field its documented schema requires.
+#[tokio::test]
+async fn documented_request_bodies_are_what_the_handlers_accept() {
+    let api = Api::start().await;
+    let admin = api.login("admin", ADMIN_PASSWORD).await;
+    let (buyer, buyer_id) = api.create_user_with_id(&admin, "buyer", &["buyer"]).await;
+    let seller = api.create_user(&admin, "seller", &["seller"]).await;
+    assert_eq!(api.grant(&admin, buyer_id, 10_000).await.status, 200);
+    let key = api.call(Method::POST, "/api/v1/seller/keys", Some(&seller), Some(seller_key_body())).await;
+    assert_eq!(key.status, 201, "{}", key.json);
+    let key_id = key.json["id"].as_i64().unwrap();
+    let doc = api.openapi().await;
+
+    let cases = [
+        ("auth_login", None, json!({"username": "admin", "password": ADMIN_PASSWORD})),
+        (
+            "buyer_keys_create",
+            Some(&buyer),
+            json!({"name": "ci", "models": ["gpt-4o"], "expires_at_ms": crate::now_ms() + 3_600_000}),
+        ),
+        (
+            "buyer_escrows_create",
+            Some(&buyer),
+            json!({"amount": 10, "model": "gpt-4o", "hosted_key_id": key_id, "expires_in_days": 3}),
+        ),
+        ("seller_keys_create", Some(&seller), {
+            let mut body = seller_key_body();
+            let extra = json!({"max_concurrency": 2, "max_spend_per_day": 100, "balance_api": "none"});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            body
+        }),
+    ];
+    for (id, token, full) in cases {
+        let op = find_operation(&doc, id);
+        let method = Method::from_bytes(op.method.to_uppercase().as_bytes()).unwrap();
+        let schema = &op.op["requestBody"]["content"]["application/json"]["schema"];
+        let (fields, required) = schema_fields(&doc, schema);
+        let sent: BTreeSet<String> = full.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(fields, sent, "{id}: the documented fields are the ones this test sends");
+        assert_eq!(op.op["requestBody"]["required"], json!(true), "{id}");
+
+        let reply = api.call(method.clone(), &op.path, token.map(String::as_str), Some(full.clone())).await;
+        assert!(reply.status < 300, "{id} with every documented field: {} {}", reply.status, reply.json);
+        let success = op.op["responses"][reply.status.to_string()]["content"]["application/json"]["schema"].clone();
+        let (answer_fields, answer_required) = schema_fields(&doc, &success);
+        let answered: BTreeSet<String> = reply.json.as_object().unwrap().keys().cloned().collect();
+        assert!(answer_required.is_subset(&answered), "{id}: {answer_required:?} not all in {answered:?}");
+        assert!(answered.is_subset(&answer_fields), "{id}: undocumented fields in {answered:?}");
+
+        let mut extra = full.clone();
+        extra["undocumented"] = json!(1);
+        let reply = api.call(method.clone(), &op.path, token.map(String::as_str), Some(extra)).await;
+        assert_error(&reply, 400, "invalid_request");
+
+        for field in &fields {
+            let mut body = full.clone();
+            body.as_object_mut().unwrap().remove(field);
+            let reply = api.call(method.clone(), &op.path, token.map(String::as_str), Some(body)).await;
+            if required.contains(field) {
+                assert_error(&reply, 400, "invalid_request");
+            } else {
+                assert!(reply.status < 300, "{id} without the optional {field}: {} {}", reply.status, reply.json);
+            }
+        }
+    }
 }

@@ -2,13 +2,14 @@
 //! password hashes have no field here to leak through.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::accounts::{self, Role};
 use crate::db::entities::{buyer_keys, hosted_keys, users};
 use crate::db::hosted_keys::utc_day;
 use crate::provider::BalanceApi;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UserView {
     pub id: i64,
     pub username: String,
@@ -29,7 +30,7 @@ impl From<&users::Model> for UserView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct BuyerKeyView {
     pub id: i64,
     pub name: String,
@@ -38,6 +39,7 @@ pub struct BuyerKeyView {
     /// None: any model.
     pub models: Option<Vec<String>>,
     /// active | expired | revoked
+    #[schema(value_type = String, example = "active")]
     pub status: &'static str,
     pub expires_at_ms: Option<i64>,
     pub revoked_at_ms: Option<i64>,
@@ -67,14 +69,14 @@ impl BuyerKeyView {
 }
 
 /// A new buyer key: the only response that ever carries a key, once.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct CreatedBuyerKey {
     pub key: String,
     #[serde(flatten)]
     pub meta: BuyerKeyView,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SellerKeyView {
     pub id: i64,
     pub owner_id: i64,
@@ -102,6 +104,7 @@ pub struct SellerKeyView {
     pub spent_today: i64,
     /// The provider balance adapter in effect (set on the key, or derived from its provider); `none`: the
     /// provider has no balance API.
+    #[schema(value_type = String, example = "deepseek")]
     pub balance_api: &'static str,
     /// When the provider last confirmed the key; null: deposited without verification.
     pub verified_at_ms: Option<i64>,

@@ -148,7 +148,7 @@ pub async fn earnings_by_key(c: &impl ConnectionTrait, wallet: i64) -> Result<Ve
         .collect())
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct KeyEarnings {
     pub hosted_key_id: Option<i64>,
     pub name: Option<String>,

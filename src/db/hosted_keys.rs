@@ -113,6 +113,45 @@ pub async fn update_platform(
     Ok(result.rows_affected > 0)
 }
 
+/// What a seller may change on a key of theirs (None: unchanged).
+#[derive(Clone, Debug, Default)]
+pub struct SellerKeyUpdate<'a> {
+    pub name: Option<&'a str>,
+    pub max_concurrency: Option<i64>,
+    pub max_spend_per_day: Option<i64>,
+    pub balance_api: Option<&'a str>,
+}
+
+/// Changes a seller's key (one in the seller pool that `owner_id` owns). Returns whether such a key exists.
+pub async fn update_seller(
+    db: &impl ConnectionTrait,
+    owner_id: i64,
+    key_id: i64,
+    changes: &SellerKeyUpdate<'_>,
+    now_ms: i64,
+) -> Result<bool, DbErr> {
+    let mut update = Entity::update_many().col_expr(Column::UpdatedAtMs, Expr::value(now_ms));
+    if let Some(name) = changes.name {
+        update = update.col_expr(Column::Name, Expr::value(name));
+    }
+    if let Some(cap) = changes.max_concurrency {
+        update = update.col_expr(Column::MaxConcurrency, Expr::value(cap));
+    }
+    if let Some(cap) = changes.max_spend_per_day {
+        update = update.col_expr(Column::MaxSpendPerDay, Expr::value(cap));
+    }
+    if let Some(api) = changes.balance_api {
+        update = update.col_expr(Column::BalanceApi, Expr::value(api));
+    }
+    let result = update
+        .filter(Column::Id.eq(key_id))
+        .filter(Column::OwnerId.eq(owner_id))
+        .filter(Column::Pool.eq("seller"))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected > 0)
+}
+
 /// The key if it belongs to `owner_id`.
 pub async fn find_for_owner(db: &impl ConnectionTrait, owner_id: i64, key_id: i64) -> Result<Option<Model>, DbErr> {
     Entity::find().filter(Column::Id.eq(key_id)).filter(Column::OwnerId.eq(owner_id)).one(db).await

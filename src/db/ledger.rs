@@ -176,8 +176,9 @@ pub async fn balance(c: &impl ConnectionTrait, account_id: i64) -> Result<i64, D
 
 /// The balance, with the account's row locked until the transaction ends (MySQL; SQLite transactions
 /// that write are serialised anyway): an amount computed from it cannot be invalidated by a concurrent
-/// writer before it is posted.
-async fn balance_for_update(txn: &DatabaseTransaction, account_id: i64) -> Result<i64, DbErr> {
+/// writer before it is posted. A caller that posts several entries in one transaction (a dispute's
+/// refunds) locks their accounts with it first, in ascending id order.
+pub async fn balance_for_update(txn: &DatabaseTransaction, account_id: i64) -> Result<i64, DbErr> {
     accounts::Entity::update_many()
         .col_expr(accounts::Column::UpdatedAtMs, Expr::col(accounts::Column::UpdatedAtMs).into())
         .filter(accounts::Column::Id.eq(account_id))
@@ -871,40 +872,52 @@ pub async fn refund_request(
     memo: Option<String>,
     now_ms: i64,
 ) -> Result<(Posted, i64), LedgerError> {
-    in_txn!(db, |txn| async {
-        let settle_id =
-            find_entry(&txn, &format!("settle:{request_id}")).await?.ok_or(LedgerError::NotFound("settled request"))?;
-        let rows = postings::Entity::find().filter(postings::Column::EntryId.eq(settle_id)).all(&txn).await?;
-        let wallet = wallet_account(&txn, buyer_id, now_ms).await?;
-        let mut reversal = Vec::new();
-        let mut total = 0;
-        for p in rows.iter().filter(|p| p.amount > 0) {
-            reversal.push((p.account_id, -p.amount));
-            total += p.amount;
-        }
-        reversal.push((wallet, total));
-        let posted = post(
-            &txn,
-            NewEntry {
-                idempotency_key: format!("refund:{request_id}"),
-                kind: "refund",
-                request_id: Some(request_id.to_string()),
-                actor_id,
-                memo: memo.clone(),
-                postings: reversal,
-            },
-            now_ms,
-        )
-        .await?;
-        Ok::<_, LedgerError>((posted, total))
-    })
+    in_txn!(db, |txn| refund_request_in(&txn, request_id, buyer_id, actor_id, memo.clone(), now_ms))
+}
+
+/// [`refund_request`] inside the caller's transaction (a dispute commits its refunds together with its
+/// status change). The amount is the settlement's, also when the refund was posted before
+/// (`Posted::Already`: nothing moved now).
+pub async fn refund_request_in(
+    txn: &DatabaseTransaction,
+    request_id: &str,
+    buyer_id: i64,
+    actor_id: Option<i64>,
+    memo: Option<String>,
+    now_ms: i64,
+) -> Result<(Posted, i64), LedgerError> {
+    let settle_id =
+        find_entry(txn, &format!("settle:{request_id}")).await?.ok_or(LedgerError::NotFound("settled request"))?;
+    let rows = postings::Entity::find().filter(postings::Column::EntryId.eq(settle_id)).all(txn).await?;
+    let wallet = wallet_account(txn, buyer_id, now_ms).await?;
+    let mut reversal = Vec::new();
+    let mut total = 0;
+    for p in rows.iter().filter(|p| p.amount > 0) {
+        reversal.push((p.account_id, -p.amount));
+        total += p.amount;
+    }
+    reversal.push((wallet, total));
+    let posted = post(
+        txn,
+        NewEntry {
+            idempotency_key: format!("refund:{request_id}"),
+            kind: "refund",
+            request_id: Some(request_id.to_string()),
+            actor_id,
+            memo,
+            postings: reversal,
+        },
+        now_ms,
+    )
+    .await?;
+    Ok((posted, total))
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Reading
 
 /// One posting with its entry, for transaction listings.
-#[derive(Clone, Debug, PartialEq, Eq, sea_orm::FromQueryResult, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, sea_orm::FromQueryResult, serde::Serialize, utoipa::ToSchema)]
 pub struct PostingView {
     pub posting_id: i64,
     pub entry_id: i64,
@@ -958,8 +971,9 @@ struct Row2 {
 }
 
 /// One violated invariant found by [`check`].
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Violation {
+    #[schema(value_type = String)]
     pub rule: &'static str,
     pub detail: String,
 }

@@ -1,7 +1,9 @@
 //! Database access: the connection, migrations, the entities and the query functions. Nothing outside
 //! this module builds SQL.
 
+pub mod analytics;
 pub mod buyer_keys;
+pub mod disputes;
 pub mod entities;
 pub mod funds;
 pub mod hosted_keys;
@@ -9,6 +11,7 @@ pub mod key_events;
 pub mod ledger;
 pub mod prices;
 pub mod risk;
+pub mod rollups;
 pub mod sessions;
 pub mod usage_records;
 pub mod users;
@@ -20,8 +23,11 @@ pub(crate) mod testing;
 use std::time::Duration;
 
 use migration::MigratorTrait;
+use sea_orm::sqlx::mysql::MySqlConnectOptions;
+use sea_orm::sqlx::pool::PoolOptions;
 use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+use sea_orm::sqlx::ConnectOptions as _;
+use sea_orm::{DatabaseConnection, DbErr, RuntimeErr, SqlxMySqlConnector, SqlxSqliteConnector};
 
 /// How long an SQLite writer waits for another writer's lock before failing with "database is locked".
 /// The admin API and the usage writer write concurrently; their transactions are short, so waiting is
@@ -33,41 +39,66 @@ const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(15);
 /// For SQLite the parent directory is created and the file is created if missing (`mode=rwc` unless the
 /// URL sets a mode); connections use WAL, so readers never block the writer, and wait for locks instead
 /// of failing.
+///
+/// The sqlx pool is built here rather than by `sea_orm::Database::connect`, which cannot switch off
+/// sqlx's idle timeout and maximum lifetime (see `pool_options`).
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
     let mut max_connections = max_connections.max(1);
-    let url = match sqlite_path(url) {
-        Some(path) => {
-            if is_sqlite_memory(path) {
-                // Every connection to `:memory:` is a separate, empty database.
-                max_connections = 1;
-            } else if let Some(parent) = std::path::Path::new(path).parent() {
-                if !parent.as_os_str().is_empty() {
-                    tokio::fs::create_dir_all(parent)
-                        .await
-                        .map_err(|e| DbErr::Custom(format!("cannot create the directory {}: {e}", parent.display())))?;
-                }
-            }
-            with_default_sqlite_mode(url)
-        }
-        None => url.to_string(),
+    let Some(path) = sqlite_path(url) else {
+        // Statement logs would flood the gateway's log at INFO; errors still surface as DbErr.
+        let options = url.parse::<MySqlConnectOptions>().map_err(conn_err)?.disable_statement_logging();
+        let pool = pool_options(max_connections).connect_with(options).await.map_err(conn_err)?;
+        return Ok(SqlxMySqlConnector::from_sqlx_mysql_pool(pool));
     };
-    let mut options = ConnectOptions::new(url);
-    options
+    if is_sqlite_memory(path) {
+        // Every connection to `:memory:` is a separate, empty database.
+        max_connections = 1;
+    } else if let Some(parent) = std::path::Path::new(path).parent() {
+        if !parent.as_os_str().is_empty() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| DbErr::Custom(format!("cannot create the directory {}: {e}", parent.display())))?;
+        }
+    }
+    let options = with_default_sqlite_mode(url)
+        .parse::<SqliteConnectOptions>()
+        .map_err(conn_err)?
+        .journal_mode(SqliteJournalMode::Wal)
+        // NORMAL is durable in WAL mode except for the last transactions on power loss, and much faster
+        // than FULL for the usage writer.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(SQLITE_BUSY_TIMEOUT)
+        .foreign_keys(true)
+        .disable_statement_logging();
+    let pool = pool_options(max_connections).connect_with(options).await.map_err(conn_err)?;
+    Ok(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool))
+}
+
+/// The pool without idle timeout and maximum lifetime, which sqlx sets by default (10 and 30 min).
+///
+/// Either one makes sqlx spawn a reaper task that starts with `for _ in 0..pool.num_idle()` and yields only
+/// after the loop. The idle count is decremented by a thread that takes a connection which another thread
+/// has pushed but not yet counted, so it can read as `usize::MAX` for a moment; a reaper that starts then
+/// spins for good on a runtime worker without yielding (sqlx-core 0.8.6 pool/inner.rs; launchbadge/sqlx
+/// #3645). In `serve` that burns a core; in a CLI command, whose runtime is dropped after the command has
+/// printed its result, the shutdown waits for that worker forever and the process never exits. Seen in a
+/// test as `token-exchange price list` taking longer than 60 s, reproduced by running CLI commands in
+/// parallel (two hangs in 15,600 commands, both in this loop).
+///
+/// Without a reaper nothing is lost: SQLite connections do not go stale, and a MySQL connection the server
+/// closed is found by the ping before every acquire (`test_before_acquire`, on by default) and replaced.
+fn pool_options<DB: sea_orm::sqlx::Database>(max_connections: u32) -> PoolOptions<DB> {
+    PoolOptions::new()
         .max_connections(max_connections)
         .min_connections(1)
-        .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(30))
-        // Statement logs would flood the gateway's log at INFO; errors still surface as DbErr.
-        .sqlx_logging(false)
-        .map_sqlx_sqlite_opts(|opts: SqliteConnectOptions| {
-            opts.journal_mode(SqliteJournalMode::Wal)
-                // NORMAL is durable in WAL mode except for the last transactions on power loss, and much
-                // faster than FULL for the usage writer.
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(SQLITE_BUSY_TIMEOUT)
-                .foreign_keys(true)
-        });
-    Database::connect(options).await
+        .idle_timeout(None)
+        .max_lifetime(None)
+}
+
+/// How sea-orm reports a failed connection.
+fn conn_err(e: sea_orm::sqlx::Error) -> DbErr {
+    DbErr::Conn(RuntimeErr::SqlxError(e))
 }
 
 /// An SQLite database that lives only as long as its one connection.
@@ -137,6 +168,21 @@ mod tests {
             .unwrap();
         let mode: String = row.try_get_by_index(0).unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    /// No idle timeout or maximum lifetime, hence no sqlx reaper task that can spin forever (`pool_options`).
+    #[tokio::test]
+    async fn pools_have_no_reaper() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = connect(&format!("sqlite://{}", dir.path().join("tokex.db").display()), 4).await.unwrap();
+        let options = db.get_sqlite_connection_pool().options();
+        assert_eq!((options.get_idle_timeout(), options.get_max_lifetime()), (None, None));
+        assert_eq!((options.get_max_connections(), options.get_min_connections()), (4, 1));
+        assert!(options.get_test_before_acquire());
+        let test_db = testing::TestDb::mysql().await;
+        let options = test_db.db.get_mysql_connection_pool().options();
+        assert_eq!((options.get_idle_timeout(), options.get_max_lifetime()), (None, None));
+        test_db.cleanup().await;
     }
 
     #[tokio::test]

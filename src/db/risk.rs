@@ -71,10 +71,13 @@ pub async fn claim_check(c: &impl ConnectionTrait, key: &hosted_keys::Model, nex
     Ok(result.rows_affected == 1)
 }
 
-/// A status change made by risk control or an admin review.
+/// A status change of a hosted key, by its seller, an admin or risk control, with the key event that
+/// records it.
 #[derive(Clone, Debug)]
 pub struct Transition<'a> {
     pub key_id: i64,
+    /// The key's owner (the event's user).
+    pub owner_id: i64,
     pub from: &'a str,
     pub to: &'a str,
     /// `status_cause` for the new status ("" for active).
@@ -85,11 +88,16 @@ pub struct Transition<'a> {
     /// When not empty, the key's current `status_cause` must be one of these (a key its seller paused is
     /// never resumed by risk control, even if the seller paused it while risk control was verifying it).
     pub only_causes: &'a [&'a str],
+    /// Why, for the key event.
+    pub reason: &'a str,
+    /// Who (None: the platform, i.e. risk control).
+    pub actor_id: Option<i64>,
     pub now_ms: i64,
 }
 
 /// Applies the change if the key is still in `from` (a concurrent change, such as its seller pausing it,
-/// wins). Returns whether the row changed.
+/// wins) and records the key event when it did. Run it in a transaction so that the change and its event
+/// are one. Returns whether the row changed.
 pub async fn transition(c: &impl ConnectionTrait, t: &Transition<'_>) -> Result<bool, DbErr> {
     use hosted_keys::Column;
     let mut update = hosted_keys::Entity::update_many()
@@ -104,8 +112,20 @@ pub async fn transition(c: &impl ConnectionTrait, t: &Transition<'_>) -> Result<
     if !t.only_causes.is_empty() {
         update = update.filter(Column::StatusCause.is_in(t.only_causes.iter().copied()));
     }
-    let result = update.exec(c).await?;
-    Ok(result.rows_affected > 0)
+    let changed = update.exec(c).await?.rows_affected > 0;
+    if changed {
+        let event = super::key_events::NewEvent {
+            hosted_key_id: t.key_id,
+            owner_id: t.owner_id,
+            from_status: Some(t.from),
+            to_status: t.to,
+            reason: t.reason,
+            actor_id: t.actor_id,
+            now_ms: t.now_ms,
+        };
+        super::key_events::record(c, event).await?;
+    }
+    Ok(changed)
 }
 
 /// Sets the review of a key that is still flagged. Returns whether the row changed.
@@ -310,12 +330,15 @@ mod tests {
             let a = hosted_keys::insert(db, new_key(1, "uid-a")).await.unwrap();
             let flag = Transition {
                 key_id: a.id,
+                owner_id: 1,
                 from: "active",
                 to: "flagged",
                 cause: cause::DILUTION,
                 review: review::PENDING,
                 next_check_at_ms: None,
                 only_causes: &[],
+                reason: "diluted",
+                actor_id: None,
                 now_ms: 10,
             };
             assert!(transition(db, &flag).await.unwrap());
@@ -334,6 +357,8 @@ mod tests {
                 cause: "",
                 review: review::NONE,
                 next_check_at_ms: Some(12),
+                reason: "cleared",
+                actor_id: Some(9),
                 now_ms: 12,
                 ..flag
             };

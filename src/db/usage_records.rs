@@ -4,7 +4,7 @@ use sea_orm::sea_query::OnConflict;
 use std::collections::HashSet;
 
 use sea_orm::{
-    ActiveValue, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, PaginatorTrait, QueryFilter,
+    ActiveValue, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
     TransactionTrait,
 };
 
@@ -37,6 +37,28 @@ where
     }
     txn.commit().await?;
     Ok(inserted)
+}
+
+/// The ids among `request_ids` that have a usage record already. The usage writer asks inside its batch
+/// transaction, before inserting, to learn which records of a retried batch are new (only those count in
+/// the rollups and the keys' outcomes).
+pub async fn existing_request_ids<'a>(
+    db: &impl ConnectionTrait,
+    request_ids: impl IntoIterator<Item = &'a str>,
+) -> Result<HashSet<String>, DbErr> {
+    let ids: Vec<&str> = request_ids.into_iter().collect::<HashSet<_>>().into_iter().collect();
+    let mut existing = HashSet::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let found: Vec<String> = Entity::find()
+            .select_only()
+            .column(Column::RequestId)
+            .filter(Column::RequestId.is_in(chunk.iter().copied()))
+            .into_tuple()
+            .all(db)
+            .await?;
+        existing.extend(found);
+    }
+    Ok(existing)
 }
 
 fn skip_duplicates() -> OnConflict {
@@ -113,6 +135,21 @@ mod tests {
                 (r.hosted_key_id, r.status_code, r.client_disconnected, r.estimated),
                 (Some(3), 200, true, false)
             );
+            t.cleanup().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn existing_request_ids_are_found() {
+        for t in TestDb::all().await {
+            let db = &t.db;
+            assert!(existing_request_ids(db, ["a"]).await.unwrap().is_empty());
+            insert_batch(db, vec![row("a"), row("b")]).await.unwrap();
+            let found = existing_request_ids(db, ["a", "c", "a", "b"]).await.unwrap();
+            assert_eq!(found, HashSet::from(["a".to_string(), "b".to_string()]), "{}", t.label);
+            let many: Vec<String> = (0..1_200).map(|i| format!("x{i}")).chain(["b".to_string()]).collect();
+            let found = existing_request_ids(db, many.iter().map(String::as_str)).await.unwrap();
+            assert_eq!(found, HashSet::from(["b".to_string()]), "{}", t.label);
             t.cleanup().await;
         }
     }

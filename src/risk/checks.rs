@@ -14,7 +14,6 @@ use super::RiskContext;
 use crate::accounts::hosted_key_aad;
 use crate::config::RiskConfig;
 use crate::db::entities::hosted_keys;
-use crate::db::key_events::{self, NewEvent};
 use crate::db::risk::{self as queries, cause, review, verdict, NewSample, Transition};
 use crate::metrics::METRICS;
 use crate::provider::{Balance, BalanceApi, Currency};
@@ -68,19 +67,7 @@ async fn move_key(
     if let Some(sample) = sample {
         queries::insert_sample(&txn, sample).await?;
     }
-    let changed = queries::transition(&txn, &change).await?;
-    if changed {
-        let event = NewEvent {
-            hosted_key_id: key.id,
-            owner_id: key.owner_id,
-            from_status: Some(change.from),
-            to_status: change.to,
-            reason,
-            actor_id: None,
-            now_ms: change.now_ms,
-        };
-        key_events::record(&txn, event).await?;
-    }
+    let changed = queries::transition(&txn, &Transition { reason, ..change.clone() }).await?;
     txn.commit().await?;
     if changed {
         METRICS.risk_transitions.with_label_values(&[change.to]).inc();
@@ -99,12 +86,15 @@ async fn move_key(
 fn status_change<'a>(key: &hosted_keys::Model, from: &'a str, to: &'a str, cause: &'a str, now: i64) -> Transition<'a> {
     Transition {
         key_id: key.id,
+        owner_id: key.owner_id,
         from,
         to,
         cause,
         review: review::NONE,
         next_check_at_ms: None,
         only_causes: &[],
+        reason: "",
+        actor_id: None,
         now_ms: now,
     }
 }

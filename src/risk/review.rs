@@ -15,7 +15,7 @@ pub const REVIEW_SAMPLES: u64 = 10;
 const MAX_NOTE_CHARS: usize = 200;
 
 /// A seller key as an admin reviews it; never the API key or its ciphertext.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ReviewedKey {
     pub id: i64,
     pub owner_id: i64,
@@ -55,7 +55,7 @@ impl From<&hosted_keys::Model> for ReviewedKey {
 }
 
 /// One flagged key waiting for review.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct PendingReview {
     pub key: ReviewedKey,
     pub owner_username: Option<String>,
@@ -89,7 +89,7 @@ pub async fn key_samples(db: &DatabaseConnection, key_id: i64, limit: u64) -> Re
     Ok(queries::samples_of(db, key_id, limit).await?)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReviewAction {
     /// The dilution is real: the key stays flagged (out of routing), review `confirmed`.
@@ -138,6 +138,7 @@ pub async fn review_key(
         ReviewAction::Clear => {
             let clear = Transition {
                 key_id: key.id,
+                owner_id: key.owner_id,
                 from: "flagged",
                 to: "active",
                 cause: "",
@@ -145,6 +146,8 @@ pub async fn review_key(
                 // Due now: the next reading is the new window's baseline.
                 next_check_at_ms: Some(now),
                 only_causes: &[],
+                reason: &reason,
+                actor_id: Some(admin_id),
                 now_ms: now,
             };
             queries::transition(&txn, &clear).await?
@@ -155,16 +158,19 @@ pub async fn review_key(
         let current = queries::find_key(db, key_id).await?.map_or_else(|| "gone".to_string(), |k| k.status);
         return Err(conflict(&current));
     }
-    let event = NewEvent {
-        hosted_key_id: key.id,
-        owner_id: key.owner_id,
-        from_status: Some("flagged"),
-        to_status: to,
-        reason: &reason,
-        actor_id: Some(admin_id),
-        now_ms: now,
-    };
-    key_events::record(&txn, event).await?;
+    if matches!(action, ReviewAction::Confirm) {
+        // Not a status change, but part of the key's history all the same.
+        let event = NewEvent {
+            hosted_key_id: key.id,
+            owner_id: key.owner_id,
+            from_status: Some("flagged"),
+            to_status: to,
+            reason: &reason,
+            actor_id: Some(admin_id),
+            now_ms: now,
+        };
+        key_events::record(&txn, event).await?;
+    }
     txn.commit().await?;
     queries::find_key(db, key_id).await?.ok_or(AccountError::NotFound { what: "seller key" })
 }
@@ -190,25 +196,18 @@ mod tests {
             let other = keys::insert(db, new_key(owner.id, "uid-b")).await.unwrap();
             let flag = Transition {
                 key_id: key.id,
+                owner_id: owner.id,
                 from: "active",
                 to: "flagged",
                 cause: cause::DILUTION,
                 review: review::PENDING,
                 next_check_at_ms: None,
                 only_causes: &[],
-                now_ms: 5,
-            };
-            assert!(queries::transition(db, &flag).await.unwrap());
-            let event = NewEvent {
-                hosted_key_id: key.id,
-                owner_id: owner.id,
-                from_status: Some("active"),
-                to_status: "flagged",
                 reason: "balance fell 5000 credits more than metered",
                 actor_id: None,
                 now_ms: 5,
             };
-            key_events::record(db, event).await.unwrap();
+            assert!(queries::transition(db, &flag).await.unwrap());
             queries::insert_sample(
                 db,
                 NewSample {

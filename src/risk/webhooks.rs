@@ -38,7 +38,7 @@ pub fn secret_aad(user_id: i64) -> String {
 }
 
 /// What a seller sees of their webhook; never the secret.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct WebhookView {
     pub url: String,
     pub created_at_ms: i64,

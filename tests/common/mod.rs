@@ -183,6 +183,181 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Collects what a child writes to one of its pipes, readable at any moment (for the report of a hung
+/// command) and in full once the pipe closes.
+struct PipeCollector {
+    bytes: std::sync::Arc<Mutex<Vec<u8>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PipeCollector {
+    fn start(pipe: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>) -> Self {
+        use tokio::io::AsyncReadExt as _;
+        let bytes = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = bytes.clone();
+        let task = pipe.map(|mut pipe| {
+            tokio::spawn(async move {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n @ 1..) = pipe.read(&mut chunk).await {
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&chunk[..n]);
+                }
+            })
+        });
+        Self { bytes, task }
+    }
+
+    fn snapshot(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// Everything, once the pipe has closed.
+    async fn finish(mut self, args: &[&str]) -> Vec<u8> {
+        if let Some(task) = self.task.take() {
+            if tokio::time::timeout(STOP_GRACE, task).await.is_err() {
+                panic!(
+                    "`token-exchange {}` exited but its output pipe stayed open for {STOP_GRACE:?} (a process it \
+                     started still holds it); output so far:\n{}",
+                    args.join(" "),
+                    self.snapshot()
+                );
+            }
+        }
+        std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// What a process that does not finish is doing, for the failure message: its state and CPU use (spinning
+/// or blocked?), each thread's state, kernel wait channel and kernel stack, its open files (the SQLite
+/// database, -wal and -shm), the POSIX locks it holds or waits for (SQLite's), and a backtrace of every
+/// thread from gdb when gdb is installed. Blocking (gdb gets up to 30 s): call it from a blocking thread.
+pub fn diagnose_process(pid: u32) -> String {
+    use std::fmt::Write as _;
+    const GDB_TIMEOUT: Duration = Duration::from_secs(30);
+    const MAX_GDB_OUTPUT: usize = 200_000;
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let read = |path: &Path| std::fs::read_to_string(path).map(|s| s.trim_end().to_owned());
+    let cpu_ticks = || -> Option<u64> {
+        // Fields after the parenthesised command name; utime and stime are the 14th and 15th of the line.
+        let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    };
+    let mut out = format!("===== diagnosis of pid {pid} =====\n");
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = cpu_ticks();
+    if let (Some(before), Some(after)) = (before, after) {
+        let _ =
+            writeln!(out, "CPU over one second: {} clock ticks (100 = one busy core)", after.saturating_sub(before));
+    }
+    let _ = writeln!(out, "load average: {}", read(Path::new("/proc/loadavg")).unwrap_or_default());
+    match read(&proc_dir.join("status")) {
+        Ok(status) => {
+            let wanted = ["Name", "State", "Threads", "VmRSS", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"];
+            for line in status.lines().filter(|l| wanted.iter().any(|w| l.starts_with(&format!("{w}:")))) {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "(no /proc/{pid}/status: {e}; the process is gone)");
+            return out;
+        }
+    }
+    let _ = writeln!(out, "--- threads (comm, state, wchan, kernel stack) ---");
+    let mut tids: Vec<u32> = std::fs::read_dir(proc_dir.join("task"))
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    tids.sort_unstable();
+    for tid in tids {
+        let task = proc_dir.join("task").join(tid.to_string());
+        let state = read(&task.join("stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{tid} {} state {state} wchan {}",
+            read(&task.join("comm")).unwrap_or_default(),
+            read(&task.join("wchan")).unwrap_or_default()
+        );
+        if let Ok(stack) = read(&task.join("stack")) {
+            for frame in stack.lines() {
+                let _ = writeln!(out, "    {frame}");
+            }
+        }
+    }
+    let _ = writeln!(out, "--- open files ---");
+    let mut inodes = HashSet::new();
+    if let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) {
+        let mut fds: Vec<(u32, String)> = fds
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                if let Ok(meta) = std::fs::metadata(e.path()) {
+                    use std::os::unix::fs::MetadataExt as _;
+                    if meta.is_file() {
+                        inodes.insert(meta.ino().to_string());
+                    }
+                }
+                Some((e.file_name().to_str()?.parse().ok()?, target.display().to_string()))
+            })
+            .collect();
+        fds.sort();
+        for (fd, target) in fds {
+            let _ = writeln!(out, "{fd} -> {target}");
+        }
+    }
+    // SQLite locks with fcntl: every lock on a file this process has open, whoever holds it, says who
+    // blocks whom. A line `N: -> POSIX ...` is a process waiting for lock N.
+    let _ = writeln!(out, "--- POSIX locks on its files (/proc/locks: kind, mode, pid, dev:inode, range) ---");
+    for line in read(Path::new("/proc/locks")).unwrap_or_default().lines() {
+        let fields: Vec<&str> = line.split_whitespace().filter(|f| *f != "->").collect();
+        let inode = fields.get(5).and_then(|f| f.rsplit(':').next()).unwrap_or_default();
+        if inodes.contains(inode) || fields.get(4) == Some(&pid.to_string().as_str()) {
+            let holder = fields.get(4).copied().unwrap_or_default();
+            let comm = read(&PathBuf::from(format!("/proc/{holder}/comm"))).unwrap_or_default();
+            let _ = writeln!(out, "{line}    ({holder} is {comm})");
+        }
+    }
+    let _ = writeln!(out, "--- gdb: thread apply all bt ---");
+    // gdb writes to a file: a pipe that nobody reads while we wait would stall it on a long backtrace.
+    let log = tempfile::NamedTempFile::new().expect("a temporary file for gdb's output");
+    let gdb = Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-nx", "-ex", "set pagination off", "-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .stdout(log.reopen().expect("reopen gdb's log"))
+        .stderr(log.reopen().expect("reopen gdb's log"))
+        .spawn();
+    match gdb {
+        Err(e) => {
+            let _ = writeln!(out, "(gdb could not run: {e}; install gdb for user-space stacks)");
+        }
+        Ok(mut gdb) => {
+            let deadline = Instant::now() + GDB_TIMEOUT;
+            while gdb.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if gdb.try_wait().ok().flatten().is_none() {
+                let _ = gdb.kill();
+                let _ = gdb.wait();
+                let _ = writeln!(out, "(gdb did not finish within {GDB_TIMEOUT:?}; killed it)");
+            }
+            let mut text = read_lossy(log.path());
+            if text.len() > MAX_GDB_OUTPUT {
+                let mut cut = MAX_GDB_OUTPUT;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push_str("\n(truncated)");
+            }
+            out.push_str(&text);
+        }
+    }
+    out.push_str("===== end of diagnosis =====");
+    out
+}
+
 /// Our children get exactly the `TOKEX_` variables we choose: the gateway rejects unknown ones, and a
 /// developer's own settings must not leak into a test.
 fn scrub_env(command: &mut Command) {
@@ -462,14 +637,40 @@ impl TestEnv {
         command
     }
 
-    /// Runs `token-exchange <args>` and returns its output whatever the exit status.
+    /// Runs `token-exchange <args>` and returns its output whatever the exit status. A command still
+    /// running after `CLI_TIMEOUT` fails the test with what it printed so far and a dump of its threads
+    /// (`diagnose_process`), taken before it is killed.
     pub async fn cli_output(&self, args: &[&str], extra_env: &[(&str, &str)]) -> std::process::Output {
         let mut command = tokio::process::Command::from(self.command(extra_env));
-        command.args(args).kill_on_drop(true);
-        tokio::time::timeout(CLI_TIMEOUT, command.output())
-            .await
-            .unwrap_or_else(|_| panic!("`token-exchange {}` took longer than {CLI_TIMEOUT:?}", args.join(" ")))
-            .unwrap_or_else(|e| panic!("run token-exchange: {e}"))
+        command.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = command.spawn().unwrap_or_else(|e| panic!("run token-exchange: {e}"));
+        let stdout = PipeCollector::start(child.stdout.take());
+        let stderr = PipeCollector::start(child.stderr.take());
+        let status = match tokio::time::timeout(CLI_TIMEOUT, child.wait()).await {
+            Ok(status) => status.unwrap_or_else(|e| panic!("wait for token-exchange: {e}")),
+            Err(_) => {
+                let dump = match child.id() {
+                    Some(pid) => tokio::task::spawn_blocking(move || diagnose_process(pid))
+                        .await
+                        .unwrap_or_else(|e| format!("(the diagnosis panicked: {e})")),
+                    None => "(no pid: the process exited, but its exit was not noticed)".to_owned(),
+                };
+                let _ = child.start_kill();
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                panic!(
+                    "`token-exchange {}` took longer than {CLI_TIMEOUT:?} (killed after {:?})\n\
+                     ===== its stdout so far =====\n{}\n===== its stderr so far =====\n{}\n{dump}",
+                    args.join(" "),
+                    started.elapsed(),
+                    stdout.snapshot(),
+                    stderr.snapshot()
+                );
+            }
+        };
+        // It exited; its pipes close with it unless something it started still holds them.
+        let (stdout, stderr) = (stdout.finish(args).await, stderr.finish(args).await);
+        std::process::Output { status, stdout, stderr }
     }
 
     /// Runs `token-exchange <args>`, which must succeed and print one JSON line on stdout.

@@ -1,7 +1,8 @@
 use sea_orm::entity::prelude::*;
 
 /// One provider balance reading of a seller key and the dilution verdict over the window it closes.
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = BalanceSample)]
 #[sea_orm(table_name = "key_balance_samples")]
 pub struct Model {
     #[sea_orm(primary_key)]

@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod buyer_keys;
+pub mod disputes;
 pub mod escrows;
 pub mod holds;
 pub mod hosted_keys;
@@ -13,5 +14,8 @@ pub mod notifications;
 pub mod postings;
 pub mod sessions;
 pub mod usage_records;
+pub mod usage_rollups_buyer;
+pub mod usage_rollups_platform;
+pub mod usage_rollups_seller;
 pub mod users;
 pub mod webhooks;

@@ -1,0 +1,34 @@
+//! Hourly usage per model over the whole platform, kept by the usage writer in the settlement transaction
+//! (platform-wide reports read it instead of the per-key rollups; docs/reports.md).
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "usage_rollups_platform")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    /// The start of the UTC hour (ms since the epoch, a multiple of 3,600,000).
+    pub hour_ms: i64,
+    pub model: String,
+    pub requests: i64,
+    /// Requests answered with a status of 400 or more.
+    pub failed_requests: i64,
+    /// Requests served by a platform fallback key.
+    pub fallback_requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// What the requests cost the buyers.
+    pub cost_credits: i64,
+    /// The part of the cost the buyers' funds paid (cost less unpaid).
+    pub paid_credits: i64,
+    /// The sellers' share of what was paid.
+    pub seller_credits: i64,
+    /// The platform's share of what was paid.
+    pub platform_credits: i64,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}
