@@ -5,13 +5,17 @@
 #   scripts/setup.sh          system packages (cmake, ...), the Python test venv, and the console's browser
 #                             test (Debian chromium, tests/console/node_modules)
 #   scripts/setup.sh --system system packages only (enough to build and run the gateway)
+#   scripts/setup.sh --bench  system packages and what bench/run needs (wrk, the mysql client); nginx is
+#                             measured only when it is installed, so it is not installed here
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo/.venv"
 requirements="$repo/tests/python/requirements.txt"
 want_venv=1
+want_bench=0
 [[ "${1:-}" == "--system" ]] && want_venv=0
+[[ "${1:-}" == "--bench" ]] && want_venv=0 && want_bench=1
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -45,6 +49,16 @@ command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 if ! pkg-config --exists openssl 2>/dev/null; then missing+=(libssl-dev); fi
 if ((${#missing[@]})); then
     apt_install "${missing[@]}"
+fi
+
+# --- the benchmark's load generator (bench/run) -------------------------------------------------------
+if ((want_bench)); then
+    missing=()
+    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+    command -v mysql >/dev/null 2>&1 || missing+=(mariadb-client)
+    if ((${#missing[@]})); then
+        apt_install "${missing[@]}"
+    fi
 fi
 
 if ((want_venv == 0)); then

@@ -262,6 +262,10 @@ pub fn serve(config: Config) -> Result<(), AppError> {
         threads: config.gateway.threads,
         grace_period_seconds: Some(config.gateway.grace_period_secs),
         graceful_shutdown_timeout_seconds: Some(5),
+        // One single-threaded runtime per thread, connections spread over them: every attempt of a request
+        // is a subrequest task piping its response to the request's task over a channel, and on one
+        // thread they hand chunks over without cross-thread wake-ups (bench/README.md has the figures).
+        work_stealing: false,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);

@@ -147,6 +147,35 @@ struct SlotState {
     /// amount. No new attempt for as much or more until a newer snapshot, so that a buyer without funds
     /// cannot make every request hit the database.
     empty: Option<(i64, i64)>,
+    /// How many times the configured block this source's next block is, as a power of two (see
+    /// [`SlotState::block_factor`]).
+    growth: u32,
+    /// When a block was last taken from the source for this slot.
+    last_fill: Option<Instant>,
+    /// A background top-up of the hold is under way (see [`Funds::reserve`]).
+    refilling: bool,
+}
+
+/// A block used up sooner than this after the previous one makes the next block twice as large...
+const REFILL_SOON: Duration = Duration::from_secs(1);
+/// ...up to this power of two times the configured block (a busy buyer then reaches the database a few
+/// times a second at most, instead of once per `hold_block_factor` requests).
+const MAX_GROWTH: u32 = 6;
+
+impl SlotState {
+    /// The block factor for the fill starting at `now`: the configured one, doubled for every fill that
+    /// followed the previous one within [`REFILL_SOON`], halved again for every one that did not.
+    fn block_factor(&mut self, configured: u32, now: Instant) -> i64 {
+        match self.last_fill {
+            Some(at) if now.saturating_duration_since(at) < REFILL_SOON => {
+                self.growth = (self.growth + 1).min(MAX_GROWTH);
+            }
+            Some(_) => self.growth = self.growth.saturating_sub(1),
+            None => {}
+        }
+        self.last_fill = Some(now);
+        i64::from(configured) << self.growth
+    }
 }
 
 struct Hold {
@@ -154,6 +183,8 @@ struct Hold {
     account_id: i64,
     /// Held and not reserved by a request in flight nor spent (may go negative after an overrun).
     available: i64,
+    /// The size of the last block taken into the hold: below half of it, the hold is topped up.
+    block: i64,
     in_flight: u32,
     last_used: Instant,
 }
@@ -275,12 +306,9 @@ impl Funds {
         snapshot_at: i64,
     ) -> Result<Option<Reservation>, FundsError> {
         let slot = self.slot(candidate.source.account_id);
-        if let Some(r) = take(&slot, candidate, worst) {
-            return Ok(Some(r));
-        }
         // The database work runs as its own task on the application runtime and applies its result to the
         // slot itself: a request cancelled meanwhile cannot leave a hold open that memory does not know.
-        let job = Acquire {
+        let job = |slot| Acquire {
             db: self.db.clone(),
             node_id: self.settings.node_id.clone(),
             block_factor: self.settings.block_factor,
@@ -289,7 +317,16 @@ impl Funds {
             worst,
             snapshot_at,
         };
-        self.runtime.spawn(job.run()).await.map_err(|e| FundsError::Unavailable(e.to_string()))?
+        if let Some(r) = take(&slot, candidate, worst) {
+            // A hold running low is topped up before it runs out, off the request path: the requests after
+            // this one then find their credits in memory instead of waiting for the database (where a
+            // settlement batch may hold the same rows).
+            if claim_refill(&slot) {
+                drop(self.runtime.spawn(job(slot).refill()));
+            }
+            return Ok(Some(r));
+        }
+        self.runtime.spawn(job(slot).run()).await.map_err(|e| FundsError::Unavailable(e.to_string()))?
     }
 }
 
@@ -311,6 +348,18 @@ fn take(slot: &Arc<Slot>, candidate: &Candidate, worst: i64) -> Option<Reservati
     })
 }
 
+/// Whether the slot's hold is below half of its last block with no top-up under way; if so, the caller
+/// runs one ([`Acquire::refill`]).
+fn claim_refill(slot: &Slot) -> bool {
+    let mut state = lock(&slot.state);
+    let low = state.hold.as_ref().is_some_and(|h| h.available < h.block / 2);
+    if !low || state.refilling || state.empty.is_some() {
+        return false;
+    }
+    state.refilling = true;
+    true
+}
+
 /// Opening or extending a source's hold in the database for one request, then reserving from it.
 struct Acquire {
     db: DatabaseConnection,
@@ -329,18 +378,18 @@ impl Acquire {
         if let Some(r) = take(&self.slot, &self.candidate, self.worst) {
             return Ok(Some(r));
         }
-        let (hold, short) = {
-            let state = lock(&self.slot.state);
+        let (hold, short, factor) = {
+            let mut state = lock(&self.slot.state);
             let short = self.worst - state.hold.as_ref().map_or(0, |h| h.available.max(0));
             if state.empty.is_some_and(|(at, amount)| at >= self.snapshot_at && short >= amount) {
                 return Ok(None);
             }
-            (state.hold.as_ref().map(|h| h.hold_id), short)
+            let factor = state.block_factor(self.block_factor, Instant::now());
+            (state.hold.as_ref().map(|h| h.hold_id), short, factor)
         };
         // A block for the next requests too, but at most half of what the snapshot saw in the source, so that
         // other nodes serving this buyer find credits left.
-        let want =
-            self.worst.saturating_mul(i64::from(self.block_factor)).min(self.candidate.snapshot_balance / 2).max(short);
+        let want = self.worst.saturating_mul(factor).min(self.candidate.snapshot_balance / 2).max(short);
         let unavailable = |e: LedgerError| FundsError::Unavailable(e.to_string());
         let now = crate::now_ms();
         if let Some(hold_id) = hold {
@@ -348,6 +397,7 @@ impl Acquire {
             if added > 0 {
                 if let Some(h) = lock(&self.slot.state).hold.as_mut().filter(|h| h.hold_id == hold_id) {
                     h.available += added;
+                    h.block = added;
                 }
                 return Ok(take(&self.slot, &self.candidate, self.worst));
             }
@@ -374,6 +424,7 @@ impl Acquire {
                     hold_id: opened.id,
                     account_id: opened.account_id,
                     available: opened.amount,
+                    block: opened.amount,
                     in_flight: 0,
                     last_used: Instant::now(),
                 });
@@ -384,6 +435,44 @@ impl Acquire {
                 Ok(None)
             }
         }
+    }
+}
+
+impl Acquire {
+    /// Tops the hold up by a block in the background (see [`claim_refill`]). Nothing happens when another
+    /// fill is under way or the hold is no longer low; a source that cannot give anything is left to the
+    /// next request that does not fit, which finds out on the request path as before.
+    async fn refill(self) {
+        let added = match self.slot.acquiring.clone().try_lock_owned() {
+            Ok(_single) => self.top_up().await,
+            Err(_) => Ok(None),
+        };
+        let mut state = lock(&self.slot.state);
+        state.refilling = false;
+        match added {
+            Ok(Some((hold_id, added))) => {
+                if let Some(h) = state.hold.as_mut().filter(|h| h.hold_id == hold_id) {
+                    h.available += added;
+                    h.block = added;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "topping up a hold failed; requests will extend it themselves"),
+        }
+    }
+
+    /// The (hold, credits) added, if any. Runs with the slot's `acquiring` lock held.
+    async fn top_up(&self) -> Result<Option<(i64, i64)>, LedgerError> {
+        let (hold_id, factor) = {
+            let mut state = lock(&self.slot.state);
+            let Some(hold_id) = state.hold.as_ref().filter(|h| h.available < h.block / 2).map(|h| h.hold_id) else {
+                return Ok(None);
+            };
+            (hold_id, state.block_factor(self.block_factor, Instant::now()))
+        };
+        let want = self.worst.saturating_mul(factor).min(self.candidate.snapshot_balance / 2).max(1);
+        let added = ledger::extend_hold(&self.db, hold_id, 1, want, crate::now_ms()).await?;
+        Ok((added > 0).then_some((hold_id, added)))
     }
 }
 
@@ -630,16 +719,18 @@ mod db_tests {
         let candidate = Candidate { snapshot_balance: i64::MAX, ..funded(&t, 100).await };
         let funds = funds(&t, 2);
         let a = funds.reserve(std::slice::from_ref(&candidate), 30, 1).await.unwrap();
-        // One hold of 2 × 30 was opened; the second request comes from memory.
+        assert_eq!(ledger::wallet_balance(&t.db, 7).await.unwrap(), 40);
+        // One hold of 2 × 30 was opened; the second request comes from memory and leaves it empty, so the
+        // hold is topped up in the background with what the wallet has left (40, of the 4 × 30 wanted).
         let b = funds.reserve(std::slice::from_ref(&candidate), 30, 1).await.unwrap();
         assert_eq!(a.hold_id, b.hold_id);
-        assert_eq!(ledger::wallet_balance(&t.db, 7).await.unwrap(), 40);
+        no_refill_under_way(&funds).await;
+        assert_eq!(ledger::wallet_balance(&t.db, 7).await.unwrap(), 0);
         let charge = a.finish(10, Some(3));
         assert_eq!(charge.cost, 10);
-        // 20 came back to the hold: a request of 50 extends it by what the wallet has left (40, of up to 100).
+        // 20 came back to the hold: a request of 50 fits in memory.
         let c = funds.reserve(std::slice::from_ref(&candidate), 50, 1).await.unwrap();
         assert_eq!(c.hold_id, b.hold_id);
-        assert_eq!(ledger::wallet_balance(&t.db, 7).await.unwrap(), 0);
         let d = funds.reserve(std::slice::from_ref(&candidate), 10, 1).await.unwrap();
         // Nothing left anywhere.
         assert!(matches!(funds.reserve(std::slice::from_ref(&candidate), 1, 1).await, Err(FundsError::Insufficient)));
@@ -666,6 +757,57 @@ mod db_tests {
         assert_eq!(ledger::close_hold(&t.db, retired[0], 2).await.unwrap(), 90);
         assert_eq!(ledger::wallet_balance(&t.db, 7).await.unwrap(), 90);
         assert!(ledger::check(&t.db, 3, 1_000).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_busy_source_gets_larger_blocks() {
+        let t = TestDb::sqlite().await;
+        let candidate = Candidate { snapshot_balance: i64::MAX, ..funded(&t, 1_000_000).await };
+        let funds = funds(&t, 2);
+        let mut taken = Vec::new();
+        let mut before = 1_000_000;
+        // Each request spends its whole reservation; a hold below half of its last block is topped up.
+        for _ in 0..30 {
+            funds.reserve(std::slice::from_ref(&candidate), 10, 1).await.unwrap().finish(10, None);
+            no_refill_under_way(&funds).await;
+            let now = ledger::wallet_balance(&t.db, 7).await.unwrap();
+            if now != before {
+                taken.push(before - now);
+                before = now;
+            }
+        }
+        // Blocks refilled within a second of each other double, from the configured 2 × 10; all but the
+        // first were taken in the background, before the hold ran out.
+        assert_eq!(taken, [20, 40, 80, 160, 320], "{taken:?}");
+        let hold = lock(&funds.slot(candidate.source.account_id).state).hold.as_ref().map(|h| h.available);
+        assert_eq!(hold, Some(620 - 300));
+    }
+
+    /// Waits until no background top-up is under way.
+    async fn no_refill_under_way(funds: &Funds) {
+        for _ in 0..500 {
+            let slots: Vec<Arc<Slot>> = lock(&funds.slots).values().cloned().collect();
+            if slots.iter().all(|slot| !lock(&slot.state).refilling) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("a top-up never finished");
+    }
+
+    #[test]
+    fn blocks_grow_while_refills_come_fast_and_shrink_when_they_do_not() {
+        let mut state = SlotState::default();
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(state.block_factor(20, at(0)), 20);
+        assert_eq!(state.block_factor(20, at(100)), 40);
+        assert_eq!(state.block_factor(20, at(200)), 80);
+        for i in 0..10 {
+            state.block_factor(20, at(300 + i));
+        }
+        assert_eq!(state.block_factor(20, at(400)), 20 << MAX_GROWTH, "capped");
+        assert_eq!(state.block_factor(20, at(5_000)), 20 << (MAX_GROWTH - 1), "a slow refill halves it");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -122,8 +122,8 @@ pub struct LedgerConfig {
     pub node_id: String,
     /// The platform's share of each settled request, in basis points (500 = 5 %).
     pub platform_fee_bps: u32,
-    /// A hold opened for a request takes up to this many times the request's worst case, so that the
-    /// next requests are reserved in memory.
+    /// A hold opened for a request takes this many times the request's worst case, so that the next
+    /// requests are reserved in memory (up to 64 times more for a source whose holds run out fast).
     pub hold_block_factor: u32,
     /// An unused hold is closed after this long (its rest goes back to its source).
     pub hold_idle_ms: u64,

@@ -498,7 +498,9 @@ impl HealthRegistry {
     /// Starts the key set of a new snapshot: [`HealthAttacher::attach`] each of its keys, then
     /// [`HealthAttacher::commit`] drops the entries of every key that was not attached.
     pub fn attacher(&self) -> HealthAttacher<'_> {
-        HealthAttacher { registry: self, previous: self.keys.load_full(), next: HashMap::new() }
+        let previous = self.keys.load_full();
+        let next = HashMap::with_capacity(previous.len());
+        HealthAttacher { registry: self, previous, next }
     }
 
     pub fn get(&self, key_id: i64) -> Option<Arc<KeyHealth>> {

@@ -3,13 +3,18 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
-    Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, TextEncoder,
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    TextEncoder,
 };
 
 /// Latency buckets in seconds: LLM calls range from milliseconds (cached embeddings) to minutes (long streams).
 const LATENCY_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+
+/// Buckets in seconds for background database work: a usage batch or a pool snapshot takes from about a
+/// millisecond (a few rows on a local database) to seconds (100,000 keys, a busy server).
+const BACKGROUND_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 pub struct Metrics {
     /// Finished gateway requests by model and the status the buyer received.
@@ -28,7 +33,16 @@ pub struct Metrics {
     pub usage_records_written: IntCounter,
     pub usage_records_dropped: IntCounter,
     pub usage_write_errors: IntCounter,
+    /// Usage records accepted and not yet written (or dropped): the usage writer's backlog.
+    pub usage_queue_depth: IntGauge,
+    /// Time the usage writer spends per batch, by phase: prepare, ledger, usage_rows, key_outcomes, rollups,
+    /// commit (`usage::UsageWriter::write_batch`).
+    pub usage_batch_seconds: HistogramVec,
     pub pool_refresh_errors: IntCounter,
+    /// Time to load a pool snapshot from the database and swap it in.
+    pub pool_refresh_seconds: Histogram,
+    /// Seller keys in the last pool snapshot loaded, all statuses.
+    pub pool_snapshot_keys: IntGauge,
     /// Credits buyers paid for settled requests, by model.
     pub credits_spent: IntCounterVec,
     /// Credits the platform earned (fees and platform-key requests).
@@ -36,7 +50,7 @@ pub struct Metrics {
     /// Credits requests cost that the buyer's funds could not cover (hold overruns).
     pub credits_unpaid: IntCounter,
     /// From the end of a request to the commit of its settlement.
-    pub settlement_lag: prometheus::Histogram,
+    pub settlement_lag: Histogram,
     /// Requests refused because no source could cover their worst case.
     pub insufficient_funds: IntCounter,
     /// Holds this node keeps open.
@@ -114,9 +128,32 @@ impl Metrics {
                 "Failed usage-record batch writes (retried)"
             )
             .expect("metric"),
+            usage_queue_depth: register_int_gauge!(
+                "tokex_usage_queue_depth",
+                "Usage records waiting to be written to the database"
+            )
+            .expect("metric"),
+            usage_batch_seconds: register_histogram_vec!(
+                "tokex_usage_batch_seconds",
+                "Time the usage writer spends per batch, by phase",
+                &["phase"],
+                BACKGROUND_BUCKETS.to_vec()
+            )
+            .expect("metric"),
             pool_refresh_errors: register_int_counter!(
                 "tokex_pool_refresh_errors_total",
                 "Failed reloads of the key pool from the database"
+            )
+            .expect("metric"),
+            pool_refresh_seconds: register_histogram!(
+                "tokex_pool_refresh_seconds",
+                "Time to load a pool snapshot from the database and swap it in",
+                BACKGROUND_BUCKETS.to_vec()
+            )
+            .expect("metric"),
+            pool_snapshot_keys: register_int_gauge!(
+                "tokex_pool_snapshot_keys",
+                "Seller keys in the last pool snapshot loaded, all statuses"
             )
             .expect("metric"),
             credits_spent: register_int_counter_vec!(
@@ -135,7 +172,7 @@ impl Metrics {
                 "Credits owed by requests that the buyer's funds could not cover"
             )
             .expect("metric"),
-            settlement_lag: prometheus::register_histogram!(
+            settlement_lag: register_histogram!(
                 "tokex_settlement_lag_seconds",
                 "Time from the end of a request to the commit of its settlement",
                 vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]

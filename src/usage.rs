@@ -8,7 +8,7 @@
 //! enough to fill the queue, new paid requests are refused instead of served unbilled.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sea_orm::{ActiveValue::Set, DatabaseConnection};
 use tokio::sync::{mpsc, watch};
@@ -71,6 +71,8 @@ pub struct UsagePermit(mpsc::OwnedPermit<UsageItem>);
 
 impl UsagePermit {
     pub fn send(self, record: UsageRecord) {
+        // Counted before the send, so that the writer can never count it out first.
+        METRICS.usage_queue_depth.inc();
         self.0.send(UsageItem::Record(Box::new(record)));
     }
 
@@ -83,7 +85,9 @@ impl UsagePermit {
 impl UsageSink {
     /// Never waits: a full queue drops the record and counts it. For records that cost nothing.
     pub fn submit(&self, record: UsageRecord) {
+        METRICS.usage_queue_depth.inc();
         if let Err(e) = self.tx.try_send(UsageItem::Record(Box::new(record))) {
+            METRICS.usage_queue_depth.dec();
             METRICS.usage_records_dropped.inc();
             if let mpsc::error::TrySendError::Full(UsageItem::Record(r))
             | mpsc::error::TrySendError::Closed(UsageItem::Record(r)) = e
@@ -148,11 +152,10 @@ impl UsageWriter {
             tokio::pin!(deadline);
             let mut stop = false;
             while batch.len() < self.batch_size {
+                let room = self.batch_size - batch.len();
                 tokio::select! {
-                    item = self.rx.recv() => match item {
-                        Some(item) => batch.push(item),
-                        None => { stop = true; break; }
-                    },
+                    // Takes what is queued at once, up to the room left: under load a batch fills in one call.
+                    received = self.rx.recv_many(&mut batch, room) => if received == 0 { stop = true; break; },
                     () = &mut deadline => break,
                     _ = shutdown.changed() => {
                         if *shutdown.borrow() { stop = true; break; }
@@ -170,7 +173,8 @@ impl UsageWriter {
                 return;
             }
             if !batch.is_empty() {
-                self.write(std::mem::take(&mut batch)).await;
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
+                self.write(full).await;
             }
         }
     }
@@ -213,6 +217,7 @@ impl UsageWriter {
             match self.write_batch(&batch).await {
                 Ok(()) => {
                     METRICS.usage_records_written.inc_by(batch.len() as u64);
+                    METRICS.usage_queue_depth.sub(batch.len() as i64);
                     return;
                 }
                 Err(e) => {
@@ -237,12 +242,17 @@ impl UsageWriter {
             return;
         }
         METRICS.usage_records_dropped.inc_by(batch.len() as u64);
+        METRICS.usage_queue_depth.sub(batch.len() as i64);
         for record in &batch {
             tracing::error!(request_id = %record.request_id, "usage record dropped after repeated database errors");
         }
     }
 
+    /// The batch in one transaction, each phase in a few multi-row statements whatever the batch's size
+    /// (on MySQL a round trip costs far more than the rows it writes): settlements, usage rows, the keys'
+    /// outcomes, the rollups.
     async fn write_batch(&mut self, batch: &[UsageRecord]) -> Result<(), LedgerError> {
+        let mut laps = Laps::start();
         let now = crate::now_ms();
         // Accounts are created outside the batch transaction, so that a rolled-back batch cannot leave
         // cached ids of accounts that do not exist.
@@ -269,58 +279,92 @@ impl UsageWriter {
         }
         let txn = ledger::begin(&self.db).await?;
         // Records of a retried batch whose first attempt committed (the commit's answer was lost) are
-        // skipped by the insert; they must not count again in the rollups and the keys' outcomes.
+        // not written again; they must not count again in the rollups and the keys' outcomes either.
         let existing = usage_records::existing_request_ids(&txn, batch.iter().map(|r| r.request_id.as_str())).await?;
-        // Of ids repeated within the batch, the insert keeps the first.
-        let mut seen = HashSet::new();
+        // Of ids repeated within the batch, the first counts.
+        let mut seen = HashSet::with_capacity(batch.len());
         let is_new: Vec<bool> =
             batch.iter().map(|r| !existing.contains(&r.request_id) && seen.insert(r.request_id.as_str())).collect();
         let outcomes = key_outcomes(batch.iter().zip(&is_new).filter(|(_, new)| **new).map(|(r, _)| r));
-        let mut rows = Vec::with_capacity(batch.len());
-        let mut settled_all = Vec::with_capacity(batch.len());
-        let mut rollup = Rollups::default();
-        for (record, &new) in batch.iter().zip(&is_new) {
-            let mut unpaid = 0;
-            let mut settled = Settled::default();
-            if let Some(charge) = record.charge.as_ref().filter(|c| c.cost > 0) {
-                let settlement = Settlement {
-                    request_id: record.request_id.clone(),
-                    hold_id: charge.hold_id,
-                    hold_account_id: charge.hold_account_id,
-                    source_account_id: charge.source_account_id,
-                    cost: charge.cost,
-                    seller_account_id: charge.seller_id.and_then(|s| self.wallets.get(&s).copied()),
-                    revenue_account_id: revenue,
-                    fee_bps: self.fee_bps,
-                };
-                settled = ledger::settle(&txn, &settlement, now).await?;
-                if settled.unpaid > 0 {
-                    tracing::warn!(request_id = %record.request_id, unpaid = settled.unpaid, "the buyer could not pay the whole cost");
-                }
-                unpaid = settled.unpaid + charge.excess;
-                settled_all.push((record.model.as_str(), settled, charge.excess));
+        // Every paid record is settled, new or not: the ledger knows which were settled before.
+        let paid: Vec<(usize, &Charge)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.charge.as_ref().filter(|c| c.cost > 0).map(|c| (i, c)))
+            .collect();
+        let settlements: Vec<Settlement> = paid
+            .iter()
+            .map(|&(i, charge)| Settlement {
+                request_id: batch[i].request_id.clone(),
+                hold_id: charge.hold_id,
+                hold_account_id: charge.hold_account_id,
+                source_account_id: charge.source_account_id,
+                cost: charge.cost,
+                seller_account_id: charge.seller_id.and_then(|s| self.wallets.get(&s).copied()),
+                revenue_account_id: revenue,
+                fee_bps: self.fee_bps,
+            })
+            .collect();
+        laps.lap("prepare");
+
+        let settled = ledger::settle_batch(&txn, &settlements, now).await?;
+        laps.lap("ledger");
+
+        let mut settled_of = vec![None; batch.len()];
+        for (&(i, charge), s) in paid.iter().zip(&settled) {
+            if s.unpaid > 0 {
+                tracing::warn!(request_id = %batch[i].request_id, unpaid = s.unpaid, "the buyer could not pay the whole cost");
             }
-            if new {
-                let owner = |key_id: i64| self.owners.get(&key_id).copied().unwrap_or(0);
-                rollup.add(&rollup_record(record, &stored_model(record), &settled, owner));
-            }
-            rows.push(to_row(record, unpaid));
+            settled_of[i] = Some((*s, charge.excess));
         }
-        usage_records::insert_batch(&txn, rows).await?;
+        let owner = |key_id: i64| self.owners.get(&key_id).copied().unwrap_or(0);
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut rollup = Rollups::default();
+        for ((record, &new), settled) in batch.iter().zip(&is_new).zip(&settled_of) {
+            if !new {
+                continue;
+            }
+            let (settled, excess) = settled.unwrap_or_default();
+            let unpaid = if record.charge.as_ref().is_some_and(|c| c.cost > 0) { settled.unpaid + excess } else { 0 };
+            let model = stored_model(record);
+            rollup.add(&rollup_record(record, &model, &settled, owner));
+            rows.push(to_row(record, model, unpaid));
+        }
+        usage_records::insert_new(&txn, rows).await?;
+        laps.lap("usage_rows");
         crate::db::hosted_keys::apply_outcomes(&txn, &outcomes).await?;
+        laps.lap("key_outcomes");
         rollups::apply(&txn, &rollup).await?;
+        laps.lap("rollups");
         txn.commit().await?;
+        laps.lap("commit");
+
         let done = crate::now_ms();
         for record in batch {
             let ended = record.created_at_ms.saturating_add(i64::try_from(record.latency_ms).unwrap_or(0));
             METRICS.settlement_lag.observe((done - ended).max(0) as f64 / 1000.0);
         }
-        for (model, settled, excess) in settled_all.into_iter().filter(|(_, s, _)| !s.duplicate) {
-            METRICS.credits_spent.with_label_values(&[model]).inc_by(settled.paid.unsigned_abs());
-            METRICS.platform_revenue.inc_by(settled.platform.unsigned_abs());
-            METRICS.credits_unpaid.inc_by(settled.unpaid.saturating_add(excess).unsigned_abs());
+        for (&(i, charge), s) in paid.iter().zip(&settled).filter(|(_, s)| !s.duplicate) {
+            METRICS.credits_spent.with_label_values(&[batch[i].model.as_str()]).inc_by(s.paid.unsigned_abs());
+            METRICS.platform_revenue.inc_by(s.platform.unsigned_abs());
+            METRICS.credits_unpaid.inc_by(s.unpaid.saturating_add(charge.excess).unsigned_abs());
         }
         Ok(())
+    }
+}
+
+/// Times the phases of a batch into `tokex_usage_batch_seconds`, each from the end of the one before.
+struct Laps(Instant);
+
+impl Laps {
+    fn start() -> Self {
+        Self(Instant::now())
+    }
+
+    fn lap(&mut self, phase: &str) {
+        let now = Instant::now();
+        METRICS.usage_batch_seconds.with_label_values(&[phase]).observe((now - self.0).as_secs_f64());
+        self.0 = now;
     }
 }
 
@@ -404,14 +448,14 @@ fn rollup_record<'a>(
     }
 }
 
-fn to_row(r: &UsageRecord, unpaid: i64) -> usage_records::ActiveModel {
+fn to_row(r: &UsageRecord, model: String, unpaid: i64) -> usage_records::ActiveModel {
     let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     usage_records::ActiveModel {
         request_id: Set(r.request_id.clone()),
         buyer_id: Set(r.buyer_id),
         buyer_key_id: Set(r.buyer_key_id),
         hosted_key_id: Set(r.hosted_key_id),
-        model: Set(stored_model(r)),
+        model: Set(model),
         endpoint: Set(r.endpoint.to_string()),
         prompt_tokens: Set(int(r.prompt_tokens)),
         completion_tokens: Set(int(r.completion_tokens)),
@@ -484,9 +528,9 @@ mod tests {
     #[test]
     fn rows_say_whether_the_fallback_pool_served() {
         let mut served = record("f", vec![(9, true)], 1);
-        assert_eq!(to_row(&served, 0).fallback, Set(false));
+        assert_eq!(to_row(&served, stored_model(&served), 0).fallback, Set(false));
         served.fallback = true;
-        assert_eq!(to_row(&served, 0).fallback, Set(true));
+        assert_eq!(to_row(&served, stored_model(&served), 0).fallback, Set(true));
     }
 }
 

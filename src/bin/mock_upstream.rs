@@ -24,6 +24,8 @@
 //!
 //! `/_mock/requests` and `/_mock/counts` list chat, embeddings and other `/v1` calls; model listings and
 //! balance readings (verification and risk checks, not traffic) are listed apart in `/_mock/probes`.
+//! `--no-record` keeps neither list (both stay empty): the benchmark (`bench/run`) sends millions of
+//! requests, and an ever-growing history behind one mutex would distort the yardstick.
 
 use std::{
     collections::BTreeMap,
@@ -97,6 +99,10 @@ const MODELS: [&str; 19] = [
 /// What a key without a balance account reads: 100 USD, forever.
 const DEFAULT_BALANCE_MICROS: i64 = 100_000_000;
 const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
+/// Above tokio's default of 1,024 (the kernel caps it at net.core.somaxconn): the benchmark's proxies open
+/// thousands of upstream connections at once, and SYNs dropped by a full accept queue come back only a
+/// second later, as connect timeouts of the proxy under test.
+const LISTEN_BACKLOG: u32 = 16_384;
 
 #[derive(Parser)]
 #[command(about = "Mock OpenAI upstream whose behaviour is picked by tokens in the API key")]
@@ -104,6 +110,10 @@ struct Args {
     /// Port 0 picks a free port; the bound address is printed as `LISTENING <ip:port>`.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Keep no history of requests and probes (`/_mock/requests`, `/_mock/counts` and `/_mock/probes`
+    /// stay empty), for load tests.
+    #[arg(long)]
+    no_record: bool,
 }
 
 #[tokio::main]
@@ -121,7 +131,11 @@ async fn main() -> std::io::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let socket =
+        if args.listen.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(args.listen)?;
+    let listener = socket.listen(LISTEN_BACKLOG)?;
     let addr = listener.local_addr()?;
     // Without it Nagle would merge `split` frames again before a proxy could see them.
     let listener = listener.tap_io(|tcp| {
@@ -133,6 +147,7 @@ async fn main() -> std::io::Result<()> {
         requests: Mutex::default(),
         probes: Mutex::default(),
         accounts: Mutex::default(),
+        record: !args.no_record,
         stop: stop_rx.clone(),
     });
     {
@@ -169,6 +184,8 @@ struct Mock {
     requests: Mutex<Vec<RecordedRequest>>,
     probes: Mutex<Vec<Probe>>,
     accounts: Mutex<BTreeMap<String, Account>>,
+    /// False with `--no-record`: `requests` and `probes` stay empty.
+    record: bool,
     stop: watch::Receiver<bool>,
 }
 
@@ -417,15 +434,19 @@ async fn openai_api(
     let api_key = bearer_key(&headers);
     let endpoint = Endpoint::find(&method, path);
     if matches!(endpoint, Some(Endpoint::Models | Endpoint::Balance(_))) {
-        mock.probes().push(Probe {
-            method: method.to_string(),
-            path: path.to_owned(),
-            api_key: api_key.map(str::to_owned),
-        });
+        if mock.record {
+            mock.probes().push(Probe {
+                method: method.to_string(),
+                path: path.to_owned(),
+                api_key: api_key.map(str::to_owned),
+            });
+        }
     } else if path.starts_with("/v1/") {
-        let json = serde_json::from_slice::<Value>(&body).ok();
-        // Recorded before acting, so tests also see requests that fail or hang.
-        mock.requests().push(RecordedRequest::new(&method, path, &headers, &body, json.as_ref()));
+        if mock.record {
+            let json = serde_json::from_slice::<Value>(&body).ok();
+            // Recorded before acting, so tests also see requests that fail or hang.
+            mock.requests().push(RecordedRequest::new(&method, path, &headers, &body, json.as_ref()));
+        }
     } else {
         return ApiError::unknown_url(&method, path).into_response();
     }

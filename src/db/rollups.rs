@@ -4,16 +4,16 @@
 //! agree with the usage records and the ledger, and a retried batch (whose records are skipped as
 //! duplicates) adds nothing.
 //!
-//! Each group is one `UPDATE ... SET n = n + ?` (several gateway nodes add to the same rows, so a
-//! read-modify-write would lose increments); a group without a row is inserted, and an insert that meets
-//! the unique index (another node inserted the row meanwhile) falls back to the update. On MySQL sqlx
-//! connects with CLIENT_FOUND_ROWS, so the update's affected rows are the rows it matched, which is what
-//! "has a row" means here (on SQLite they are the same). Groups are applied in key order, so concurrent
-//! writers lock rows in the same order.
+//! A batch's deltas go in with one multi-row upsert per table (per `ROWS_PER_UPSERT` rows): a row that
+//! exists gets the deltas added in the database (`n = n + delta`: several gateway nodes add to the same
+//! rows, so a read-modify-write would lose increments), a missing row is inserted. MySQL writes it
+//! `ON DUPLICATE KEY UPDATE n = n + VALUES(n)`, SQLite `ON CONFLICT (key) DO UPDATE SET n = n + excluded.n`.
+//! Rows go in key order (the unique index's), so concurrent writers lock them in the same order; one that
+//! meets a row another transaction has just inserted waits for it and adds to it.
 
 use std::collections::{BTreeMap, HashMap};
 
-use sea_orm::{ConnectionTrait, DbErr, FromQueryResult, SqlErr, Statement, Value};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 
 pub const HOUR_MS: i64 = 3_600_000;
 
@@ -132,90 +132,79 @@ const SELLER: Table =
     Table { name: "usage_rollups_seller", key: &["hour_ms", "hosted_key_id", "model"], owner: Some("owner_id") };
 const PLATFORM: Table = Table { name: "usage_rollups_platform", key: &["hour_ms", "model"], owner: None };
 
-impl Table {
-    fn update_sql(&self) -> String {
-        let set: Vec<String> = COUNTER_COLUMNS.iter().map(|c| format!("{c} = {c} + ?")).collect();
-        let filter: Vec<String> = self.key.iter().map(|c| format!("{c} = ?")).collect();
-        format!("UPDATE {} SET {} WHERE {}", self.name, set.join(", "), filter.join(" AND "))
-    }
+/// Rows per upsert: at 13 values per row, far below the placeholder limits of SQLite (32766) and MySQL
+/// (65535).
+const ROWS_PER_UPSERT: usize = 1_000;
 
-    fn insert_sql(&self) -> String {
+impl Table {
+    fn columns(&self) -> Vec<&'static str> {
         let mut columns: Vec<&str> = self.key.to_vec();
         columns.extend(self.owner);
         columns.extend(COUNTER_COLUMNS);
-        let placeholders = vec!["?"; columns.len()].join(", ");
-        format!("INSERT INTO {} ({}) VALUES ({placeholders})", self.name, columns.join(", "))
+        columns
+    }
+
+    /// Inserts `rows` rows, adding the counters of those that meet an existing row to it.
+    fn upsert_sql(&self, backend: DbBackend, rows: usize) -> String {
+        let columns = self.columns();
+        let row = format!("({})", vec!["?"; columns.len()].join(", "));
+        let values = vec![row.as_str(); rows].join(", ");
+        let add = |new: &dyn Fn(&str) -> String| -> String {
+            COUNTER_COLUMNS.iter().map(|c| format!("{c} = {c} + {}", new(c))).collect::<Vec<_>>().join(", ")
+        };
+        let on_conflict = match backend {
+            DbBackend::MySql => format!("ON DUPLICATE KEY UPDATE {}", add(&|c| format!("VALUES({c})"))),
+            _ => format!("ON CONFLICT ({}) DO UPDATE SET {}", self.key.join(", "), add(&|c| format!("excluded.{c}"))),
+        };
+        format!("INSERT INTO {} ({}) VALUES {values} {on_conflict}", self.name, columns.join(", "))
     }
 }
 
 /// Adds the batch's deltas to the rollups, inside the caller's transaction.
 pub async fn apply(c: &impl ConnectionTrait, rollups: &Rollups) -> Result<(), DbErr> {
-    for ((hour, key_id, model), (buyer_id, counters)) in &rollups.buyer {
-        let key = [Value::from(*hour), Value::from(*key_id), Value::from(model.as_str())];
-        add_to_row(c, &BUYER, &key, Some(*buyer_id), counters).await?;
-    }
-    for ((hour, key_id, model), (owner_id, counters)) in &rollups.seller {
-        let key = [Value::from(*hour), Value::from(*key_id), Value::from(model.as_str())];
-        add_to_row(c, &SELLER, &key, Some(*owner_id), counters).await?;
-    }
-    for ((hour, model), counters) in &rollups.platform {
-        let key = [Value::from(*hour), Value::from(model.as_str())];
-        add_to_row(c, &PLATFORM, &key, None, counters).await?;
+    for statement in upserts(c.get_database_backend(), rollups) {
+        c.execute(statement).await?;
     }
     Ok(())
 }
 
-async fn add_to_row(
-    c: &impl ConnectionTrait,
+/// The upserts of a batch: per table, one per `ROWS_PER_UPSERT` rows, rows in key order.
+fn upserts(backend: DbBackend, rollups: &Rollups) -> Vec<Statement> {
+    let buyer = rollups.buyer.iter().map(|((hour, key_id, model), (buyer_id, counters))| {
+        (vec![Value::from(*hour), Value::from(*key_id), Value::from(model.as_str()), Value::from(*buyer_id)], counters)
+    });
+    let seller = rollups.seller.iter().map(|((hour, key_id, model), (owner_id, counters))| {
+        (vec![Value::from(*hour), Value::from(*key_id), Value::from(model.as_str()), Value::from(*owner_id)], counters)
+    });
+    let platform = rollups
+        .platform
+        .iter()
+        .map(|((hour, model), counters)| (vec![Value::from(*hour), Value::from(model.as_str())], counters));
+    let mut statements = table_upserts(backend, &BUYER, buyer);
+    statements.extend(table_upserts(backend, &SELLER, seller));
+    statements.extend(table_upserts(backend, &PLATFORM, platform));
+    statements
+}
+
+/// `rows`: the key and owner values of each row, with its deltas.
+fn table_upserts<'a>(
+    backend: DbBackend,
     table: &Table,
-    key: &[Value],
-    owner: Option<i64>,
-    counters: &Counters,
-) -> Result<(), DbErr> {
-    if update_row(c, table, key, counters).await? {
-        return Ok(());
-    }
-    match insert_row(c, table, key, owner, counters).await {
-        Ok(()) => Ok(()),
-        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-            // Another node inserted the row after our update found none: add to theirs. (A failed
-            // statement does not end the transaction, on MySQL nor on SQLite.)
-            if update_row(c, table, key, counters).await? {
-                Ok(())
-            } else {
-                Err(e)
-            }
+    rows: impl Iterator<Item = (Vec<Value>, &'a Counters)>,
+) -> Vec<Statement> {
+    let mut statements = Vec::new();
+    let mut rows = rows.peekable();
+    while rows.peek().is_some() {
+        let mut values = Vec::new();
+        let mut n = 0;
+        for (key, counters) in rows.by_ref().take(ROWS_PER_UPSERT) {
+            values.extend(key);
+            values.extend(counters.values());
+            n += 1;
         }
-        Err(e) => Err(e),
+        statements.push(Statement::from_sql_and_values(backend, table.upsert_sql(backend, n), values));
     }
-}
-
-/// Whether a row matched (see the module docs for MySQL's affected rows).
-async fn update_row(
-    c: &impl ConnectionTrait,
-    table: &Table,
-    key: &[Value],
-    counters: &Counters,
-) -> Result<bool, DbErr> {
-    let mut values: Vec<Value> = counters.values().into();
-    values.extend(key.iter().cloned());
-    let result =
-        c.execute(Statement::from_sql_and_values(c.get_database_backend(), table.update_sql(), values)).await?;
-    Ok(result.rows_affected() > 0)
-}
-
-async fn insert_row(
-    c: &impl ConnectionTrait,
-    table: &Table,
-    key: &[Value],
-    owner: Option<i64>,
-    counters: &Counters,
-) -> Result<(), DbErr> {
-    let mut values: Vec<Value> = key.to_vec();
-    values.extend(owner.map(Value::from));
-    values.extend(counters.values());
-    c.execute(Statement::from_sql_and_values(c.get_database_backend(), table.insert_sql(), values)).await?;
-    Ok(())
+    statements
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -331,9 +320,8 @@ mod tests {
     }
 
     /// Two gateway nodes add the first delta of a new row at once: the second adds to the first's row. On
-    /// MariaDB the second writer's update or insert waits for the first transaction's lock on the new row
-    /// (its update then matches it, or its insert fails as a duplicate and the update follows); SQLite
-    /// serialises writers, so there the second writer simply finds the row.
+    /// MariaDB the second writer's upsert meets the first transaction's uncommitted row, waits for its lock
+    /// and then adds to it; SQLite serialises writers, so there the second writer simply finds the row.
     #[tokio::test]
     async fn a_concurrent_insert_of_the_same_row_is_added_to() {
         for t in TestDb::all().await {
@@ -364,23 +352,83 @@ mod tests {
         }
     }
 
+    /// A batch of more rows than one statement takes, applied twice: every row once, with twice the deltas.
     #[tokio::test]
-    async fn an_insert_that_meets_the_unique_index_falls_back_to_the_update() {
+    async fn large_batches_are_upserted_in_chunks() {
         for t in TestDb::all().await {
             let (db, l) = (&t.db, t.label);
-            let key = [Value::from(hour_of(T0)), Value::from(3i64), Value::from("m")];
-            insert_row(db, &BUYER, &key, Some(7), &counters(1, 10)).await.unwrap();
-            let err = insert_row(db, &BUYER, &key, Some(7), &counters(1, 10)).await.unwrap_err();
-            assert!(matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))), "{l}: {err}");
-            // Inside a transaction the failed insert leaves the transaction usable.
-            let txn = db.begin().await.unwrap();
-            assert!(insert_row(&txn, &BUYER, &key, Some(7), &counters(1, 10)).await.is_err());
-            assert!(update_row(&txn, &BUYER, &key, &counters(2, 20)).await.unwrap(), "{l}");
+            let models: Vec<String> = (0..5).map(|m| format!("m{m}")).collect();
+            let mut batch = Rollups::default();
+            for key in 0..500 {
+                for model in &models {
+                    batch.add(&record(T0, key, Some((key, 9)), model, counters(1, 3)));
+                }
+            }
+            assert!(batch.buyer.len() > 2 * ROWS_PER_UPSERT);
+            let txn = crate::db::ledger::begin(db).await.unwrap();
+            apply(&txn, &batch).await.unwrap();
+            apply(&txn, &batch).await.unwrap();
             txn.commit().await.unwrap();
             let rows = buyer_rows(db).await;
-            assert_eq!((rows.len(), rows[0].requests, rows[0].cost_credits), (1, 3, 30), "{l}");
+            assert_eq!(rows.len(), 2_500, "{l}");
+            assert!(rows.iter().all(|r| (r.requests, r.cost_credits, r.buyer_id) == (2, 6, 7)), "{l}");
+            let sellers = usage_rollups_seller::Entity::find().all(db).await.unwrap();
+            assert_eq!((sellers.len(), sellers.iter().map(|s| s.requests).sum::<i64>()), (2_500, 5_000), "{l}");
+            let platform = usage_rollups_platform::Entity::find().all(db).await.unwrap();
+            assert_eq!((platform.len(), platform.iter().map(|p| p.requests).sum::<i64>()), (5, 5_000), "{l}");
             t.cleanup().await;
         }
+    }
+
+    /// Several gateway nodes add overlapping batches (new rows and existing ones) at the same time: no
+    /// writer fails (no deadlock on MariaDB, no "database is locked" on SQLite) and no increment is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_neither_deadlock_nor_lose_increments() {
+        const WRITERS: i64 = 4;
+        const ROUNDS: i64 = 6;
+        for t in TestDb::all().await {
+            let (db, l) = (&t.db, t.label);
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|w| {
+                    let db = db.clone();
+                    tokio::spawn(async move {
+                        for round in 0..ROUNDS {
+                            // Each round shares most rows with the other writers and adds new ones.
+                            let mut batch = Rollups::default();
+                            for key in (w * 7 + round * 40)..(w * 7 + round * 40 + 200) {
+                                batch.add(&record(T0 + round, key % 300, Some((key % 50, 9)), "m", counters(1, 2)));
+                            }
+                            let txn = crate::db::ledger::begin(&db).await?;
+                            apply(&txn, &batch).await?;
+                            txn.commit().await?;
+                        }
+                        Ok::<_, DbErr>(())
+                    })
+                })
+                .collect();
+            for writer in writers {
+                writer.await.unwrap().unwrap_or_else(|e| panic!("{l}: {e}"));
+            }
+            let expected = WRITERS * ROUNDS * 200;
+            let rows = buyer_rows(db).await;
+            assert_eq!(rows.iter().map(|r| r.requests).sum::<i64>(), expected, "{l}");
+            assert_eq!(rows.iter().map(|r| r.cost_credits).sum::<i64>(), 2 * expected, "{l}");
+            assert_eq!(rows.len(), 300, "{l}: one row per key");
+            let sellers = usage_rollups_seller::Entity::find().all(db).await.unwrap();
+            assert_eq!((sellers.len(), sellers.iter().map(|s| s.requests).sum::<i64>()), (50, expected), "{l}");
+            let platform = usage_rollups_platform::Entity::find().all(db).await.unwrap();
+            assert_eq!((platform.len(), platform[0].requests), (1, expected), "{l}");
+            t.cleanup().await;
+        }
+    }
+
+    #[test]
+    fn upserts_add_in_each_dialect() {
+        let sql = BUYER.upsert_sql(DbBackend::MySql, 2);
+        assert!(sql.contains("), (") && sql.contains("ON DUPLICATE KEY UPDATE requests = requests + VALUES(requests)"));
+        let sql = PLATFORM.upsert_sql(DbBackend::Sqlite, 1);
+        assert!(sql.contains("ON CONFLICT (hour_ms, model) DO UPDATE SET requests = requests + excluded.requests"));
+        assert!(!sql.contains("owner"), "{sql}");
     }
 
     #[tokio::test]

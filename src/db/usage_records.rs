@@ -39,6 +39,17 @@ where
     Ok(inserted)
 }
 
+/// Inserts rows that the caller found new (with `existing_request_ids`, in the same transaction): one
+/// multi-row INSERT per `ROWS_PER_STATEMENT`, without the counting of `insert_batch`. A duplicate is still
+/// skipped, never an error.
+pub async fn insert_new(db: &impl ConnectionTrait, rows: Vec<ActiveModel>) -> Result<(), DbErr> {
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        insert_chunk(db, rows.by_ref().take(ROWS_PER_STATEMENT).collect()).await?;
+    }
+    Ok(())
+}
+
 /// The ids among `request_ids` that have a usage record already. The usage writer asks inside its batch
 /// transaction, before inserting, to learn which records of a retried batch are new (only those count in
 /// the rollups and the keys' outcomes).

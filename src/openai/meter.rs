@@ -10,6 +10,7 @@ use std::fmt;
 use bytes::{Bytes, BytesMut};
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::sse::SseParser;
 
@@ -328,6 +329,27 @@ impl TextSink {
         self.buf.push_str(&s[..cut]);
     }
 
+    /// Pushes the text of a JSON string's body as it appears in the JSON (already validated by the parser).
+    fn push_escaped(&mut self, mut rest: &str) {
+        while let Some(at) = rest.find('\\') {
+            self.push(&rest[..at]);
+            let escape = &rest[at + 1..];
+            let (c, used) = match escape.as_bytes().first() {
+                Some(b'n') => ('\n', 1),
+                Some(b't') => ('\t', 1),
+                Some(b'r') => ('\r', 1),
+                Some(b'b') => ('\u{8}', 1),
+                Some(b'f') => ('\u{c}', 1),
+                Some(b'u') => unicode_escape(escape),
+                Some(&other) if other.is_ascii() => (char::from(other), 1),
+                _ => (char::REPLACEMENT_CHARACTER, 0),
+            };
+            self.push(c.encode_utf8(&mut [0; 4]));
+            rest = &escape[used..];
+        }
+        self.push(rest);
+    }
+
     fn mark(&self) -> (usize, u64) {
         (self.buf.len(), self.total)
     }
@@ -339,6 +361,23 @@ impl TextSink {
 }
 
 // ---- JSON walking -------------------------------------------------------------------------------------
+
+/// The character of a `\uXXXX` escape (`escape` starts at the `u`), joining a surrogate pair, and the bytes
+/// it used. A lone surrogate reads as U+FFFD, as a lossy UTF-8 conversion would.
+fn unicode_escape(escape: &str) -> (char, usize) {
+    let unit = |s: &str| s.get(1..5).and_then(|hex| u16::from_str_radix(hex, 16).ok());
+    let Some(first) = unit(escape) else {
+        return (char::REPLACEMENT_CHARACTER, 1);
+    };
+    let low = escape.get(5..).filter(|s| s.starts_with("\\u")).and_then(|s| unit(&s[1..]));
+    match (first, low) {
+        (0xD800..=0xDBFF, Some(low @ 0xDC00..=0xDFFF)) => {
+            let code = 0x10000 + ((u32::from(first) - 0xD800) << 10) + (u32::from(low) - 0xDC00);
+            (char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER), 11)
+        }
+        _ => (char::from_u32(u32::from(first)).unwrap_or(char::REPLACEMENT_CHARACTER), 5),
+    }
+}
 
 /// A walk over one JSON value that keeps only what it wants. Values of another shape than expected are
 /// skipped, not errors.
@@ -541,7 +580,7 @@ impl<'de> Walk<'de> for Message<'_> {
         if index == 2 {
             map.next_value_seed(Walker(ToolCalls { text: self.text }))?;
         } else {
-            map.next_value_seed(Walker(Content { text: self.text }))?;
+            map.next_value_seed(Text { text: self.text, parts: true })?;
         }
         Ok(())
     }
@@ -556,11 +595,11 @@ impl<'de> Walk<'de> for Content<'_> {
     const FIELDS: &'static [&'static str] = &["text"];
 
     fn field<A: MapAccess<'de>>(&mut self, _index: usize, map: &mut A) -> Result<(), A::Error> {
-        map.next_value_seed(Walker(Content { text: self.text })).map(drop)
+        map.next_value_seed(Text { text: self.text, parts: true })
     }
 
     fn element<A: SeqAccess<'de>>(&mut self, seq: &mut A) -> Result<bool, A::Error> {
-        Ok(seq.next_element_seed(Walker(Content { text: self.text }))?.is_some())
+        Ok(seq.next_element_seed(Text { text: self.text, parts: true })?.is_some())
     }
 
     fn string(&mut self, value: &str) {
@@ -590,19 +629,33 @@ impl<'de> Walk<'de> for ToolCall<'_> {
         if index == 0 {
             map.next_value_seed(Walker(ToolCall { text: self.text }))?;
         } else {
-            map.next_value_seed(Walker(Arguments { text: self.text }))?;
+            map.next_value_seed(Text { text: self.text, parts: false })?;
         }
         Ok(())
     }
 }
 
-struct Arguments<'t> {
+/// A text value: a string goes into the sink, unescaped here from the raw JSON; with `parts`, an array or
+/// object is walked as [`Content`]; anything else adds nothing. serde_json would unescape a string with
+/// escapes (a newline, a quote: most real text) into a scratch buffer that each deserializer allocates
+/// afresh, which for a stream means allocations for every event.
+struct Text<'t> {
     text: &'t mut TextSink,
+    parts: bool,
 }
 
-impl Walk<'_> for Arguments<'_> {
-    fn string(&mut self, value: &str) {
-        self.text.push(value);
+impl<'de> DeserializeSeed<'de> for Text<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        let raw = <&'de RawValue>::deserialize(deserializer)?.get();
+        if let Some(escaped) = raw.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+            self.text.push_escaped(escaped);
+        } else if self.parts && (raw.starts_with('[') || raw.starts_with('{')) {
+            let mut de = serde_json::Deserializer::from_str(raw);
+            Walker(Content { text: self.text }).deserialize(&mut de).map_err(serde::de::Error::custom)?;
+        }
+        Ok(())
     }
 }
 
@@ -631,6 +684,19 @@ mod tests {
         assert_eq!(meter.reported_usage(), Some(USAGE));
         assert_eq!(meter.delivered_text(), EXPECTED_TEXT);
         assert!(meter.saw_done());
+    }
+
+    #[test]
+    fn escaped_text_is_unescaped_like_serde_json_does_and_lone_surrogates_are_replaced() {
+        let raw = r#"a\"b\\c\/d\u00e9\ud83d\ude00\n\t\r\b\f"#;
+        let mut sink = TextSink::new(usize::MAX);
+        sink.push_escaped(raw);
+        let expected: String = serde_json::from_str(&format!("\"{raw}\"")).unwrap();
+        assert_eq!(sink.buf, expected);
+        let mut sink = TextSink::new(usize::MAX);
+        sink.push_escaped(r#"x\ud800y\udc00z\ud800\u0041"#);
+        assert_eq!(sink.buf, "x\u{fffd}y\u{fffd}z\u{fffd}A");
+        assert_eq!(sink.total, sink.buf.len() as u64);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! their hosts (in the background refresher, never on the request path).
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,28 +94,36 @@ impl HostResolver {
 
 /// Loads every key from the database and builds a fresh snapshot, attaching each key's health from
 /// `health` (and dropping the health of keys that left the pool).
+///
+/// Building (decrypting every key) is CPU work proportional to the pool: it runs on a blocking thread, so
+/// that a pool of 100,000 keys does not occupy a runtime worker for the tasks queued behind it.
 pub async fn load_snapshot(
     db: &DatabaseConnection,
-    keyring: &Keyring,
+    keyring: &Arc<Keyring>,
     resolver: &mut HostResolver,
-    health: &HealthRegistry,
+    health: &Arc<HealthRegistry>,
+    previous: Arc<PoolSnapshot>,
 ) -> Result<(PoolSnapshot, LoadReport), DbErr> {
     let now = crate::now_ms();
     let hosted = crate::db::hosted_keys::list_all(db).await?;
     let buyers = crate::db::buyer_keys::list_usable(db, now).await?;
-    let wanted: HashSet<(String, u16)> = hosted
-        .iter()
-        .filter(|k| k.status == "active")
-        .filter_map(|k| parse_base_url(&k.base_url).ok())
-        .map(|u| (u.host, u.port))
-        .collect();
+    // Most keys of a large pool share a few base URLs: each distinct one is parsed once.
+    let base_urls: HashSet<&str> =
+        hosted.iter().filter(|k| k.status == "active").map(|k| k.base_url.as_str()).collect();
+    let wanted: HashSet<(String, u16)> =
+        base_urls.into_iter().filter_map(|url| parse_base_url(url).ok()).map(|u| (u.host, u.port)).collect();
     let resolved = resolver.resolve_all(wanted).await;
     let prices = crate::db::prices::list(db).await?;
     let funding = crate::db::funds::funding_rows(db).await?;
-    let (mut snapshot, report) = build_snapshot(hosted, buyers, keyring, &resolved, now, health);
-    snapshot.prices = build_prices(prices);
-    snapshot.funds = build_funds(funding);
-    Ok((snapshot, report))
+    let (keyring, health) = (keyring.clone(), health.clone());
+    tokio::task::spawn_blocking(move || {
+        let (mut snapshot, report) = build_snapshot(hosted, buyers, &keyring, &resolved, now, &health, &previous);
+        snapshot.prices = build_prices(prices);
+        snapshot.funds = build_funds(funding);
+        (snapshot, report)
+    })
+    .await
+    .map_err(|e| DbErr::Custom(format!("building the pool snapshot failed: {e}")))
 }
 
 fn build_prices(rows: Vec<crate::db::prices::Model>) -> HashMap<String, Price> {
@@ -154,7 +163,9 @@ fn build_funds(rows: crate::db::funds::FundingRows) -> HashMap<i64, BuyerFunds> 
 
 /// Builds a snapshot from rows and already-resolved addresses. Pure apart from decryption and the
 /// health registry, whose key set it replaces with the routable keys of this snapshot (each keeps the
-/// health it had), so it is unit-testable and cheap to time for large pools.
+/// health it had), so it is unit-testable and cheap to time for large pools. A key of `previous` whose row
+/// and address are unchanged is reused as it is: a reload of a large, mostly unchanged pool decrypts and
+/// allocates only what changed.
 ///
 /// Active keys of the `seller` pool go into the weighted routes; active `platform` keys into the
 /// fallback routes, sorted by (priority, id).
@@ -165,6 +176,7 @@ pub fn build_snapshot(
     resolved: &HashMap<(String, u16), SocketAddr>,
     now_ms: i64,
     health: &HealthRegistry,
+    previous: &PoolSnapshot,
 ) -> (PoolSnapshot, LoadReport) {
     let mut report = LoadReport::default();
     let mut counts = StatusCounts::default();
@@ -172,10 +184,17 @@ pub fn build_snapshot(
     let mut by_model: HashMap<String, Vec<Arc<SellerKey>>> = HashMap::new();
     let mut fallback_by_model: HashMap<String, Vec<Arc<SellerKey>>> = HashMap::new();
     let mut attacher = health.attacher();
+    let mut seller_keys = HashMap::with_capacity(previous.seller_keys.len());
 
+    // Distinct base URLs, parsed and resolved once each.
+    let mut addresses: HashMap<String, Option<SocketAddr>> = HashMap::new();
     for row in hosted {
         let models: Vec<&str> = row.models.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
-        known_models.extend(models.iter().map(|m| m.to_string()));
+        for model in &models {
+            if !known_models.contains(*model) {
+                known_models.insert(model.to_string());
+            }
+        }
         match row.status.as_str() {
             "active" => counts.active += 1,
             "paused" => counts.paused += 1,
@@ -186,12 +205,26 @@ pub fn build_snapshot(
         if row.status != "active" {
             continue;
         }
-        match routable_key(&row, keyring, resolved, &mut attacher) {
+        if !addresses.contains_key(&row.base_url) {
+            let addr = parse_base_url(&row.base_url).ok().and_then(|u| resolved.get(&(u.host, u.port)).copied());
+            addresses.insert(row.base_url.clone(), addr);
+        }
+        let digest = row_digest(&row, addresses.get(&row.base_url).copied().flatten());
+        let reused = previous.seller_keys.get(&row.id).filter(|k| k.row_digest == digest).map(|k| {
+            attacher.attach(row.id);
+            k.clone()
+        });
+        match reused.map_or_else(|| routable_key(&row, keyring, resolved, digest, &mut attacher).map(Arc::new), Ok) {
             Ok(key) => {
-                let key = Arc::new(key);
+                seller_keys.insert(key.id, key.clone());
                 let routes = if key.platform { &mut fallback_by_model } else { &mut by_model };
                 for model in models {
-                    routes.entry(model.to_string()).or_default().push(key.clone());
+                    match routes.get_mut(model) {
+                        Some(keys) => keys.push(key.clone()),
+                        None => {
+                            routes.insert(model.to_string(), vec![key.clone()]);
+                        }
+                    }
                 }
             }
             Err(reason) => {
@@ -235,14 +268,25 @@ pub fn build_snapshot(
         prices: HashMap::new(),
         funds: HashMap::new(),
         loaded_at_ms: now_ms,
+        seller_keys,
     };
     (snapshot, report)
+}
+
+/// Everything of the row (and its host's address) that goes into its [`SellerKey`].
+fn row_digest(row: &hosted_keys::Model, addr: Option<SocketAddr>) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    (row.id, row.owner_id, &row.uid, &row.provider, &row.base_url, &row.api_key_enc, &row.pool).hash(&mut hasher);
+    (row.remaining_balance, row.priority, row.max_concurrency, row.max_spend_per_day).hash(&mut hasher);
+    (row.spent_today, row.spend_day, addr).hash(&mut hasher);
+    hasher.finish()
 }
 
 fn routable_key(
     row: &hosted_keys::Model,
     keyring: &Keyring,
     resolved: &HashMap<(String, u16), SocketAddr>,
+    row_digest: u64,
     attacher: &mut HealthAttacher<'_>,
 ) -> Result<SellerKey, String> {
     let url = parse_base_url(&row.base_url)?;
@@ -275,6 +319,7 @@ fn routable_key(
         spent_today: row.spent_today,
         spend_day: row.spend_day,
         health: attacher.attach(row.id),
+        row_digest,
     })
 }
 
@@ -352,7 +397,8 @@ mod tests {
             row(&keyring, 4, "platform", 0, "paused", "m1"),
             row(&keyring, 5, "platform", 1, "active", "m1"),
         ];
-        let (snapshot, report) = build_snapshot(rows.clone(), vec![], &keyring, &resolved, 1, &health);
+        let (snapshot, report) =
+            build_snapshot(rows.clone(), vec![], &keyring, &resolved, 1, &health, &PoolSnapshot::default());
         assert!(report.unroutable.is_empty(), "{:?}", report.unroutable);
         let sellers: Vec<i64> = snapshot.route("m1").unwrap().keys().iter().map(|k| k.id).collect();
         assert_eq!(sellers, [1], "platform keys are not seller routes");
@@ -371,8 +417,34 @@ mod tests {
         let before = snapshot.key_for("m1", 3).unwrap().health.clone();
         before.add_charge(1);
         let fewer: Vec<_> = rows.into_iter().filter(|r| r.id != 5).collect();
-        let (again, _) = build_snapshot(fewer, vec![], &keyring, &resolved, 2, &health);
+        let (again, _) = build_snapshot(fewer, vec![], &keyring, &resolved, 2, &health, &PoolSnapshot::default());
         assert!(Arc::ptr_eq(&before, &again.key_for("m1", 3).unwrap().health));
         assert!(health.get(5).is_none() && health.get(4).is_none() && health.get(1).is_some());
+    }
+
+    #[test]
+    fn a_reload_reuses_unchanged_keys_and_rebuilds_changed_ones() {
+        let keyring = Keyring::new([7u8; 32], vec![]);
+        let resolved = HashMap::from([(("127.0.0.1".to_string(), 9), "127.0.0.1:9".parse().unwrap())]);
+        let health = HealthRegistry::with_policy(crate::health::HealthPolicy::default());
+        let rows: Vec<_> = (1..=3).map(|id| row(&keyring, id, "seller", 0, "active", "m1")).collect();
+        let (first, _) =
+            build_snapshot(rows.clone(), vec![], &keyring, &resolved, 1, &health, &PoolSnapshot::default());
+        let first = Arc::new(first);
+        let mut changed = rows.clone();
+        changed[1].remaining_balance += 1;
+        changed[2].models = "m1,m2".into();
+        let (second, _) = build_snapshot(changed, vec![], &keyring, &resolved, 2, &health, &first);
+        let same = |id| Arc::ptr_eq(&first.seller_keys[&id], &second.seller_keys[&id]);
+        assert!(same(1), "an unchanged row reuses its key");
+        assert!(!same(2), "a new balance (weight) builds a new key");
+        assert_eq!(second.seller_keys[&2].weight, first.seller_keys[&2].weight + 1);
+        assert!(same(3), "models are routes, not part of the key");
+        assert_eq!(second.key_for("m2", 3).map(|k| k.id), Some(3));
+        assert!(Arc::ptr_eq(&first.seller_keys[&2].health, &second.seller_keys[&2].health), "health carries over");
+        // A key whose host resolves elsewhere now is rebuilt too.
+        let moved = HashMap::from([(("127.0.0.1".to_string(), 9), "127.0.0.2:9".parse().unwrap())]);
+        let (third, _) = build_snapshot(rows, vec![], &keyring, &moved, 3, &health, &second);
+        assert_eq!(third.seller_keys[&1].upstream.addr, "127.0.0.2:9".parse().unwrap());
     }
 }

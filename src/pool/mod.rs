@@ -161,6 +161,9 @@ pub struct SellerKey {
     pub spend_day: i64,
     /// This node's health of the key, shared by every snapshot that holds the key.
     pub health: Arc<KeyHealth>,
+    /// A digest of the database row and the resolved address the key was built from: a reload whose row
+    /// and address are unchanged reuses the key as it is (no decryption, no allocation).
+    pub row_digest: u64,
 }
 
 impl std::fmt::Debug for SellerKey {
@@ -395,6 +398,8 @@ pub struct PoolSnapshot {
     /// What each buyer (user id) can pay from.
     pub funds: HashMap<i64, crate::billing::BuyerFunds>,
     pub loaded_at_ms: i64,
+    /// Every routable key (seller and fallback) by id, for the next reload to reuse.
+    pub seller_keys: HashMap<i64, Arc<SellerKey>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -491,6 +496,7 @@ mod tests {
             spent_today: 0,
             spend_day: 0,
             health: Arc::new(KeyHealth::new(policy())),
+            row_digest: 0,
         };
         edit(&mut key);
         Arc::new(key)

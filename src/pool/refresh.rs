@@ -2,7 +2,7 @@
 //! Redis is configured — at once after an admin change on any other gateway node.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
@@ -10,12 +10,14 @@ use fred::types::Message;
 use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 
-use super::{load_snapshot, HostResolver, RefreshHandle, SharedPool};
+use super::{load_snapshot, HostResolver, PoolSnapshot, RefreshHandle, SharedPool};
 use crate::crypto::Keyring;
 use crate::health::HealthRegistry;
 use crate::metrics::METRICS;
 
 const CHANGE_CHANNEL: &str = "tokex:pool-changed";
+/// How often a replaced snapshot is checked for remaining holders.
+const RETIRE_POLL: Duration = Duration::from_millis(5);
 
 pub struct RefresherConfig {
     pub interval: Duration,
@@ -51,8 +53,10 @@ impl Refresher {
     /// take the usage writer's lag: records still queued are counted by neither until the next reload), so
     /// they are taken off once the new snapshot serves.
     pub async fn refresh(&mut self) -> Result<(), sea_orm::DbErr> {
+        let started = Instant::now();
         let spend_marks = self.health.spend_marks();
-        let result = load_snapshot(&self.db, &self.keyring, &mut self.resolver, &self.health).await;
+        let previous = self.pool.load_full();
+        let result = load_snapshot(&self.db, &self.keyring, &mut self.resolver, &self.health, previous).await;
         let (snapshot, report) = match result {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -73,15 +77,16 @@ impl Refresher {
         ] {
             METRICS.pool_keys.with_label_values(&[status]).set(n);
         }
-        tracing::debug!(
-            buyers = snapshot.buyers.len(),
-            models = snapshot.routes.len(),
-            fallback_models = snapshot.fallback.len(),
-            "pool refreshed"
-        );
-        self.pool.store(Arc::new(snapshot));
+        METRICS.pool_snapshot_keys.set(counts.active + counts.paused + counts.depleted + counts.flagged);
+        let buyers = snapshot.buyers.len();
+        let models = snapshot.routes.len();
+        let previous = self.pool.swap(Arc::new(snapshot));
+        retire(previous);
         self.health.settle_spend(spend_marks);
         self.health.update_gauge();
+        let took = started.elapsed();
+        METRICS.pool_refresh_seconds.observe(took.as_secs_f64());
+        tracing::debug!(buyers, models, took_ms = took.as_millis() as u64, "pool refreshed");
         Ok(())
     }
 
@@ -124,6 +129,30 @@ impl Refresher {
             peers.close().await;
         }
     }
+}
+
+/// Frees a replaced snapshot once no request holds it any more, on a blocking thread: otherwise the last
+/// request to let go of it would free it on a gateway thread, and freeing a pool of 100,000 keys takes
+/// long enough to stall every request queued on that thread. Requests hold a snapshot only while they
+/// authenticate and pick a key (not while the upstream answers), so this waits microseconds to
+/// milliseconds.
+fn retire(previous: Arc<PoolSnapshot>) {
+    tokio::spawn(async move {
+        let mut previous = previous;
+        loop {
+            // Nobody can take a new reference once it is swapped out: when the count is one, it is ours.
+            match Arc::try_unwrap(previous) {
+                Ok(snapshot) => {
+                    let _ = tokio::task::spawn_blocking(move || drop(snapshot)).await;
+                    return;
+                }
+                Err(held) => {
+                    previous = held;
+                    tokio::time::sleep(RETIRE_POLL).await;
+                }
+            }
+        }
+    });
 }
 
 async fn recv_peer(rx: &mut Option<tokio::sync::broadcast::Receiver<Message>>) -> Option<()> {
@@ -182,5 +211,26 @@ impl PeerNotifier {
     async fn close(self) {
         let _ = self.subscriber.quit().await;
         let _ = self.publisher.quit().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_replaced_snapshot_is_freed_once_its_last_request_lets_go() {
+        let snapshot = Arc::new(PoolSnapshot::default());
+        let watch = Arc::downgrade(&snapshot);
+        let held_by_a_request = snapshot.clone();
+        retire(snapshot);
+        tokio::time::sleep(RETIRE_POLL * 4).await;
+        assert!(watch.upgrade().is_some(), "freed while a request still held it");
+        drop(held_by_a_request);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while watch.upgrade().is_some() {
+            assert!(Instant::now() < deadline, "never freed");
+            tokio::time::sleep(RETIRE_POLL).await;
+        }
     }
 }

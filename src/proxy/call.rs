@@ -19,7 +19,7 @@ use crate::billing::FundsError;
 use crate::health::{CircuitChange, InFlight, Outcome as HealthOutcome, Recorded, Tick};
 use crate::metrics::METRICS;
 use crate::openai::request::{inspect, Endpoint};
-use crate::pool::{AuthError, BuyerKey, FallbackRoute, ModelRoute, PoolSnapshot, SellerKey};
+use crate::pool::{AuthError, BuyerKey, PoolSnapshot, SellerKey};
 use crate::usage::{UsagePermit, UsageRecord};
 
 /// How long the main request waits for a finished attempt's last hook before reading its outcome.
@@ -33,7 +33,7 @@ pub async fn serve(gateway: &Gateway, session: &mut Session) -> Result<bool> {
     let outcome = match route {
         Route::Models => list_models(session, &snapshot).await,
         Route::Call { endpoint, path_model } => {
-            return call(gateway, session, &snapshot, endpoint, path_model, started).await;
+            return call(gateway, session, snapshot, endpoint, path_model, started).await;
         }
         Route::NotFound => Err(GatewayError::NotFound),
         Route::MethodNotAllowed => Err(GatewayError::MethodNotAllowed),
@@ -70,15 +70,17 @@ async fn list_models(session: &mut Session, snapshot: &PoolSnapshot) -> Result<(
     respond_json(session, 200, Bytes::from(body), None).await.map_err(|_| GatewayError::Internal)
 }
 
+/// `snapshot` is the pool as the request found it; it is let go before the first attempt, so that a
+/// long stream does not keep a replaced pool alive (failover picks from the pool current at that time).
 async fn call(
     gateway: &Gateway,
     session: &mut Session,
-    snapshot: &PoolSnapshot,
+    snapshot: Arc<PoolSnapshot>,
     endpoint: Endpoint,
     path_model: Option<String>,
     started: Instant,
 ) -> Result<bool> {
-    let buyer = match authenticate(session, snapshot) {
+    let buyer = match authenticate(session, &snapshot) {
         Ok(buyer) => buyer,
         Err(e) => return reject(session, &e, "-", None).await,
     };
@@ -193,16 +195,16 @@ async fn call(
         max_metered_response_bytes: gateway.settings.max_metered_response_bytes,
     });
 
-    let mut chooser = KeyChooser::new(
-        snapshot,
-        &plan.model,
-        reservation.pinned_key,
-        gateway.settings.max_attempts,
-        reservation.amount,
-    );
+    let mut chooser = KeyChooser::new(reservation.pinned_key, gateway.settings.max_attempts, reservation.amount);
+    let mut first_pick = Some(snapshot);
     let mut last_failure: Option<Failure> = None;
     let mut served: Option<(Arc<Attempt>, AttemptRun, InFlight)> = None;
-    while let Some((key, claim)) = chooser.next() {
+    loop {
+        let next = match first_pick.take() {
+            Some(snapshot) => chooser.next(&snapshot, &plan.model),
+            None => chooser.next(&gateway.pool.load(), &plan.model),
+        };
+        let Some((key, claim)) = next else { break };
         let attempt = Attempt::new(key.clone(), plan.clone());
         let run = run_attempt(session, &attempt).await;
         if !attempt.wait_finished(ATTEMPT_SETTLE_LIMIT).await {
@@ -345,11 +347,9 @@ struct AttemptRun {
 /// that key alone: it is the only one tried, and never falls back. Every key is tried at most once per
 /// request; a key that stopped being available between the pick and its claim (another request took its
 /// probe or its last concurrency slot) is skipped without counting as an attempt.
-struct KeyChooser<'a> {
-    sellers: Option<&'a ModelRoute>,
-    fallback: Option<&'a FallbackRoute>,
-    /// `Some` for a pinned request: the key, until it was tried.
-    pinned: Option<Option<Arc<SellerKey>>>,
+struct KeyChooser {
+    /// `Some` for a pinned request: the key's id, until it was tried.
+    pinned: Option<Option<i64>>,
     max_attempts: usize,
     /// The request's worst case, counted as in flight on the key it runs on.
     credits: i64,
@@ -360,12 +360,10 @@ struct KeyChooser<'a> {
     excluded: Vec<i64>,
 }
 
-impl<'a> KeyChooser<'a> {
-    fn new(snapshot: &'a PoolSnapshot, model: &str, pinned: Option<i64>, max_attempts: usize, credits: i64) -> Self {
+impl KeyChooser {
+    fn new(pinned: Option<i64>, max_attempts: usize, credits: i64) -> Self {
         Self {
-            sellers: snapshot.route(model),
-            fallback: snapshot.fallback(model),
-            pinned: pinned.map(|id| snapshot.key_for(model, id)),
+            pinned: pinned.map(Some),
             max_attempts,
             credits,
             seller_attempts: 0,
@@ -375,16 +373,17 @@ impl<'a> KeyChooser<'a> {
         }
     }
 
-    /// The next key to try, claimed, or None when the request has no more to try.
-    fn next(&mut self) -> Option<(Arc<SellerKey>, InFlight)> {
+    /// The next key of `snapshot` to try for `model`, claimed, or None when the request has no more to
+    /// try. Each call may see a newer snapshot; keys already tried stay excluded by id.
+    fn next(&mut self, snapshot: &PoolSnapshot, model: &str) -> Option<(Arc<SellerKey>, InFlight)> {
         let now = Tick::now();
         if let Some(pinned) = self.pinned.as_mut() {
-            let key = pinned.take()?;
+            let key = snapshot.key_for(model, pinned.take()?)?;
             let claim = key.acquire(now, self.credits)?;
             self.seller_attempts += 1;
             return Some((key, claim));
         }
-        if let Some(route) = self.sellers.filter(|_| !self.sellers_done) {
+        if let Some(route) = snapshot.route(model).filter(|_| !self.sellers_done) {
             let mut rng = rand::thread_rng();
             while self.seller_attempts < self.max_attempts {
                 let Some(key) = route.pick(&mut rng, &self.excluded, now) else { break };
@@ -396,7 +395,7 @@ impl<'a> KeyChooser<'a> {
             }
         }
         self.sellers_done = true;
-        let route = self.fallback?;
+        let route = snapshot.fallback(model)?;
         while self.fallback_attempts < self.max_attempts {
             let key = route.next(&self.excluded, now)?;
             self.excluded.push(key.id);
@@ -615,7 +614,7 @@ mod tests {
 
     use super::*;
     use crate::health::{HealthPolicy, KeyHealth};
-    use crate::pool::Upstream;
+    use crate::pool::{FallbackRoute, ModelRoute, Upstream};
 
     fn key(id: i64, weight: u64, platform: bool, priority: i64) -> Arc<SellerKey> {
         Arc::new(SellerKey {
@@ -638,6 +637,7 @@ mod tests {
             spent_today: 0,
             spend_day: 0,
             health: Arc::new(KeyHealth::new(Arc::new(HealthPolicy::default()))),
+            row_digest: 0,
         })
     }
 
@@ -653,9 +653,9 @@ mod tests {
     }
 
     /// Runs the chooser to its end, every attempt failing; returns the keys in the order tried.
-    fn tried(chooser: &mut KeyChooser<'_>) -> Vec<i64> {
+    fn tried(chooser: &mut KeyChooser, snapshot: &PoolSnapshot) -> Vec<i64> {
         let mut order = Vec::new();
-        while let Some((key, claim)) = chooser.next() {
+        while let Some((key, claim)) = chooser.next(snapshot, "m") {
             order.push(key.id);
             claim.finish(HealthOutcome::Neutral, crate::health::mono_ms());
         }
@@ -667,8 +667,8 @@ mod tests {
         let sellers = vec![key(1, 10, false, 0), key(2, 10, false, 0), key(3, 10, false, 0)];
         let fallback = vec![key(7, 1, true, 9), key(8, 1, true, 1), key(9, 1, true, 5)];
         let snapshot = snapshot(sellers, fallback);
-        let mut chooser = KeyChooser::new(&snapshot, "m", None, 2, 100);
-        let order = tried(&mut chooser);
+        let mut chooser = KeyChooser::new(None, 2, 100);
+        let order = tried(&mut chooser, &snapshot);
         assert_eq!(order.len(), 4, "two seller attempts, then two fallback attempts: {order:?}");
         assert!(order[..2].iter().all(|id| (1..=3).contains(id)) && order[0] != order[1], "{order:?}");
         assert_eq!(order[2..], [8, 9], "fallback keys by priority");
@@ -682,30 +682,43 @@ mod tests {
         limited.health.acquire(now, 0, 0).unwrap().finish(HealthOutcome::RateLimited { retry_after: None }, now);
         let fine = key(3, 1, false, 0);
         let snapshot = snapshot(vec![limited, fine], vec![key(9, 1, true, 0)]);
-        let mut chooser = KeyChooser::new(&snapshot, "m", None, 1, 1);
-        assert_eq!(tried(&mut chooser), [3, 9], "the cooling key is never tried");
+        let mut chooser = KeyChooser::new(None, 1, 1);
+        assert_eq!(tried(&mut chooser, &snapshot), [3, 9], "the cooling key is never tried");
         assert_eq!(chooser.attempts(), 2);
     }
 
     #[test]
     fn a_model_served_only_by_fallback_keys_goes_straight_to_them() {
         let snapshot = snapshot(vec![], vec![key(5, 1, true, 2), key(4, 1, true, 3)]);
-        let mut chooser = KeyChooser::new(&snapshot, "m", None, 3, 1);
-        assert_eq!(tried(&mut chooser), [5, 4]);
+        let mut chooser = KeyChooser::new(None, 3, 1);
+        assert_eq!(tried(&mut chooser, &snapshot), [5, 4]);
     }
 
     #[test]
     fn a_pinned_escrow_tries_its_key_alone_and_never_falls_back() {
         let snapshot = snapshot(vec![key(1, 10, false, 0), key(2, 10, false, 0)], vec![key(9, 1, true, 0)]);
-        let mut chooser = KeyChooser::new(&snapshot, "m", Some(2), 3, 1);
-        assert_eq!(tried(&mut chooser), [2]);
+        let mut chooser = KeyChooser::new(Some(2), 3, 1);
+        assert_eq!(tried(&mut chooser, &snapshot), [2]);
         // Pinned to a key that cannot be claimed now: nothing is tried.
         let now = crate::health::mono_ms();
         let two = snapshot.key_for("m", 2).unwrap();
         two.health.acquire(now, 0, 0).unwrap().finish(HealthOutcome::RateLimited { retry_after: None }, now);
-        let mut chooser = KeyChooser::new(&snapshot, "m", Some(2), 3, 1);
-        assert_eq!(tried(&mut chooser), Vec::<i64>::new());
+        let mut chooser = KeyChooser::new(Some(2), 3, 1);
+        assert_eq!(tried(&mut chooser, &snapshot), Vec::<i64>::new());
         assert_eq!(chooser.attempts(), 0);
+    }
+
+    #[test]
+    fn failover_picks_from_the_pool_current_then_and_never_retries_a_key() {
+        let before = snapshot(vec![key(1, 10, false, 0)], vec![]);
+        let mut chooser = KeyChooser::new(None, 3, 1);
+        let (first, claim) = chooser.next(&before, "m").unwrap();
+        assert_eq!(first.id, 1);
+        claim.finish(HealthOutcome::Neutral, crate::health::mono_ms());
+        // The pool was reloaded during the attempt: key 1 is still in it, key 2 is new.
+        let after = snapshot(vec![key(1, 1_000_000, false, 0), key(2, 1, false, 0)], vec![]);
+        assert_eq!(tried(&mut chooser, &after), [2]);
+        assert_eq!(chooser.attempts(), 2);
     }
 
     #[test]
