@@ -31,7 +31,8 @@ import urllib.error
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASE = os.path.join(REPO, "target", "release")
+# Where cargo put the release build: CARGO_TARGET_DIR when set (relative to the repository, as cargo reads it).
+RELEASE = os.path.join(REPO, os.environ.get("CARGO_TARGET_DIR") or "target", "release")
 TOKEX = os.path.join(RELEASE, "token-exchange")
 MOCK = os.path.join(RELEASE, "mock-upstream")
 BARE = os.path.join(RELEASE, "examples", "bare-proxy")
@@ -271,12 +272,14 @@ class Metrics:
         found = [v for n, lab, v in self.samples if n == name and all(lab.get(k) == w for k, w in labels.items())]
         return sum(found) if found else None
 
-    def buckets(self, name):
-        return sorted(
-            (float("inf") if lab["le"] == "+Inf" else float(lab["le"]), v)
-            for n, lab, v in self.samples
-            if n == name + "_bucket" and "le" in lab
-        )
+    def buckets(self, name, **labels):
+        """(le, count) summed over the series that match `labels`."""
+        out = {}
+        for n, lab, v in self.samples:
+            if n == name + "_bucket" and "le" in lab and all(lab.get(k) == w for k, w in labels.items()):
+                le = float("inf") if lab["le"] == "+Inf" else float(lab["le"])
+                out[le] = out.get(le, 0) + v
+        return sorted(out.items())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,7 +410,7 @@ class Target:
 class Gateway(Target):
     """A `token-exchange serve` on a database of its own, with its ports and config file."""
 
-    def __init__(self, bench, label, database, refresh_interval_ms):
+    def __init__(self, bench, label, database, refresh_interval_ms, full_refresh_interval_ms=0):
         self.bench = bench
         self.label = label
         self.database = database
@@ -416,7 +419,7 @@ class Gateway(Target):
         self.config_path = os.path.join(bench.workdir, f"{label}.toml")
         with open(self.config_path, "w") as f:
             f.write(gateway_config(bench, label, port, self.admin_port, self.metrics_port,
-                                   bench.mysql.url(database), refresh_interval_ms))
+                                   bench.mysql.url(database), refresh_interval_ms, full_refresh_interval_ms))
         self.rows_before = bench.mysql.count(database, "usage_records") if bench.table_exists(database) else 0
         started = time.monotonic()
         proc = bench.procs.spawn(label, [bench.bin["tokex"], "--config", self.config_path, "serve"],
@@ -468,7 +471,10 @@ class Gateway(Target):
                 "background_task_timeout": "did not stop in time" in text, "log": log_summary(text)}
 
 
-def gateway_config(bench, label, port, admin_port, metrics_port, database_url, refresh_interval_ms):
+def gateway_config(bench, label, port, admin_port, metrics_port, database_url, refresh_interval_ms,
+                   full_refresh_interval_ms=0):
+    # 0: the gateway's default (and a binary older than the setting accepts the file).
+    full = f"full_refresh_interval_ms = {full_refresh_interval_ms}\n" if full_refresh_interval_ms else ""
     return f"""# Written by bench/bench.py for one benchmark gateway ({label}); every other setting is the default.
 data_dir = "{os.path.join(bench.workdir, label + '-data')}"
 
@@ -491,7 +497,7 @@ upstream_allow = "127.0.0.0/8"
 
 [pool]
 refresh_interval_ms = {refresh_interval_ms}
-
+{full}
 [ledger]
 node_id = "bench-{label}"
 """
@@ -582,7 +588,7 @@ class Bench:
         bindir = os.path.join(self.workdir, "bin")
         os.makedirs(bindir)
         copies = {}
-        for name, path in (("tokex", TOKEX), ("mock", MOCK), ("bare", BARE), ("seed", SEED)):
+        for name, path in (("tokex", self.args.tokex), ("mock", MOCK), ("bare", BARE), ("seed", self.args.seed)):
             copies[name] = os.path.join(bindir, os.path.basename(path))
             shutil.copy2(path, copies[name])
         return copies
@@ -905,7 +911,7 @@ class Bench:
         section["seed"] = self.seed(args.snapshot_db, args.snapshot_keys, 0, os.path.join(self.workdir, "keys-100k.txt"))
         keys_100k = os.path.join(self.workdir, "keys-100k.txt")
         for label, database, keys in (("baseline", args.main_db, self.keys_file), ("large", args.snapshot_db, keys_100k)):
-            gateway = Gateway(self, f"tokex-{label}", database, 1000)
+            gateway = Gateway(self, f"tokex-{label}", database, 1000, args.snapshot_full_interval_ms)
             entry = {"database": database, "startup_s": gateway.startup_s}
             log(f"snapshot {label}: ready in {gateway.startup_s:.1f} s")
             self.wrk.run(gateway.url, 2, 16, args.warmup, keys, self.models, False, MAX_TOKENS, mode="sweep")
@@ -926,6 +932,7 @@ class Bench:
             after = gateway.metrics()
             entry["snapshot_keys"] = after.get("tokex_pool_snapshot_keys")
             entry["refresh"] = refresh_stats(before, after)
+            entry["refresh_by_kind"] = {kind: refresh_stats(before, after, kind) for kind in ("full", "incremental")}
             entry["records"] = gateway.stop()
             entry["ledger_check"] = self.ledger_check(gateway)
             section["runs"][label] = entry
@@ -1042,17 +1049,20 @@ class SettlementWatch:
         return out
 
 
-def refresh_stats(before, after):
+def refresh_stats(before, after, kind=None):
+    """Refreshes in the window, their mean and the bound on their maximum; of one `kind` (full, incremental)
+    when given (gateways since incremental reloads label the metric with it)."""
     name = "tokex_pool_refresh_seconds"
-    s0, s1 = before.get(name + "_sum"), after.get(name + "_sum")
-    c0, c1 = before.get(name + "_count"), after.get(name + "_count")
+    labels = {"kind": kind} if kind else {}
+    s0, s1 = before.get(name + "_sum", **labels) or 0.0, after.get(name + "_sum", **labels)
+    c0, c1 = before.get(name + "_count", **labels) or 0.0, after.get(name + "_count", **labels)
     if None in (s0, s1, c0, c1):
         return {"metric": False}
     count = c1 - c0
     out = {"metric": True, "refreshes": count, "mean_s": (s1 - s0) / count if count else None}
     # The largest refresh is at most the smallest bucket bound that holds every refresh of the window.
-    b0 = dict(before.buckets(name))
-    for le, v in after.buckets(name):
+    b0 = dict(before.buckets(name, **labels))
+    for le, v in after.buckets(name, **labels):
         if count and v - b0.get(le, 0) >= count:
             out["max_le_s"] = le
             break
@@ -1215,23 +1225,35 @@ def markdown(results):
         t = s["snapshot"]
         runs = t["runs"]
         rows = []
+        def by_kind(e, kind):
+            k = e.get("refresh_by_kind", {}).get(kind, {})
+            if not k.get("refreshes"):
+                return ""
+            return f"{k['refreshes']:.0f} × {k['mean_s']:.3f}"
+
         for label, e in runs.items():
             r = e["refresh"]
             for c in ("c1", "c16"):
                 x = e[c]
                 rows.append([f"{label} ({e['database']})", f"{e['startup_s']:.1f}", fmt(e["snapshot_keys"], ".0f"),
                              fmt(r.get("refreshes"), ".0f"), fmt(r.get("mean_s"), ".3f"), fmt(r.get("max_le_s"), "g"),
+                             by_kind(e, "full"), by_kind(e, "incremental"),
                              c, f"{x['rps']:.0f}", f"{x['p99_ms']:.2f}", f"{x['p999_ms']:.2f}", f"{x['max_ms']:.2f}",
                              fmt(x.get("stall_ms"), "+.2f", ""), x["errors"]])
         lines += md_table(
             f"Pool snapshot of {t['keys']:,} keys, refreshed every second (wrk for {t['seconds']} s each)",
-            ["database", "#start-up s", "#keys in snapshot", "#refreshes", "#mean load+swap s", "#max ≤ s", "load",
+            ["database", "#start-up s", "#keys in snapshot", "#refreshes", "#mean load+swap s", "#max ≤ s",
+             "#full: n × mean s", "#incremental: n × mean s", "load",
              "#req/s", "#p99 ms", "#p99.9 ms", "#max ms", "#stall ms", "#errors"],
             rows)
         large = runs.get("large", {})
         mean = large.get("refresh", {}).get("mean_s")
         goals.append((f"{t['keys']:,}-key snapshot load+swap (mean)", fmt(mean, ".3f", "n/a") + " s",
                       f"≤ {GOAL_SWAP_S} s", None if mean is None else mean <= GOAL_SWAP_S))
+        full = large.get("refresh_by_kind", {}).get("full", {})
+        if full.get("refreshes"):
+            goals.append((f"{t['keys']:,}-key snapshot full reload+swap (mean)", f"{full['mean_s']:.3f} s",
+                          f"≤ {GOAL_SWAP_S} s", full["mean_s"] <= GOAL_SWAP_S))
         for c in ("c1", "c16"):
             if c in large:
                 stall = large[c]["stall_ms"]
@@ -1312,9 +1334,17 @@ def parse_args(argv):
     p.add_argument("--mysql", default=os.environ.get("TOKEX_BENCH_MYSQL", "mysql://root@127.0.0.1:3306"))
     p.add_argument("--main-db", default="tokex_bench_main")
     p.add_argument("--snapshot-db", default="tokex_bench_100k")
+    p.add_argument("--snapshot-full-interval-ms", type=int, default=10000,
+                   help="pool.full_refresh_interval_ms of the snapshot gateways (10000, so that the window holds "
+                        "full reloads too; 0: the gateway's default, for binaries older than the setting)")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="seconds to wait for the usage queue to drain after a run or before a stop (120)")
     p.add_argument("--ledger-check-timeout", type=int, default=120, help="seconds before a ledger check is retried")
+    p.add_argument("--tokex", default=TOKEX,
+                   help="token-exchange binary to measure (default: the release build), e.g. a copy of another commit's")
+    p.add_argument("--seed", default=SEED,
+                   help="bench-seed binary (default: the release build); of the same commit as --tokex, whose "
+                        "migrations it applies")
     p.add_argument("--no-nginx", action="store_true", help="do not measure nginx even when installed")
     p.add_argument("--keep-workdir", action="store_true", help="keep the logs and configs in /tmp after the run")
     args = p.parse_args(argv)
@@ -1328,7 +1358,7 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    for binary in (TOKEX, MOCK, BARE, SEED):
+    for binary in (args.tokex, MOCK, BARE, args.seed):
         if not os.access(binary, os.X_OK):
             raise SystemExit(f"missing {binary}: build first (bench/run does)")
     if not shutil.which("wrk"):

@@ -162,6 +162,7 @@ pub fn serve(config: Config) -> Result<(), AppError> {
             Duration::from_millis(config.pool.dns_refresh_interval_ms),
             config.upstream_policy(),
             health.clone(),
+            Duration::from_millis(config.pool.full_refresh_interval_ms),
         );
         // The gateway never serves from an empty pool: the first load happens before any listener opens.
         refresher.refresh().await?;
@@ -262,10 +263,14 @@ pub fn serve(config: Config) -> Result<(), AppError> {
         threads: config.gateway.threads,
         grace_period_seconds: Some(config.gateway.grace_period_secs),
         graceful_shutdown_timeout_seconds: Some(5),
-        // One single-threaded runtime per thread, connections spread over them: every attempt of a request
-        // is a subrequest task piping its response to the request's task over a channel, and on one
-        // thread they hand chunks over without cross-thread wake-ups (bench/README.md has the figures).
+        // One single-threaded runtime per thread, connections spread over them: an attempt of a large
+        // request is a subrequest task piping its response to the request's task over a channel, and on
+        // one thread they hand chunks over without cross-thread wake-ups (bench/README.md has the figures).
         work_stealing: false,
+        // Every pass of the retry loop is one attempt of a direct call (src/proxy/call.rs): each key may
+        // be tried twice (a stale pooled connection), seller keys then fallback keys, plus the pass that
+        // finds no key left.
+        max_retries: (config.gateway.max_attempts * 4 + 1).max(16),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);

@@ -40,7 +40,8 @@ pub struct Metrics {
     pub usage_batch_seconds: HistogramVec,
     pub pool_refresh_errors: IntCounter,
     /// Time to load a pool snapshot from the database and swap it in.
-    pub pool_refresh_seconds: Histogram,
+    /// By kind: `full` (every key row) or `incremental` (the rows changed since the previous reload).
+    pub pool_refresh_seconds: HistogramVec,
     /// Seller keys in the last pool snapshot loaded, all statuses.
     pub pool_snapshot_keys: IntGauge,
     /// Credits buyers paid for settled requests, by model.
@@ -145,9 +146,10 @@ impl Metrics {
                 "Failed reloads of the key pool from the database"
             )
             .expect("metric"),
-            pool_refresh_seconds: register_histogram!(
+            pool_refresh_seconds: register_histogram_vec!(
                 "tokex_pool_refresh_seconds",
-                "Time to load a pool snapshot from the database and swap it in",
+                "Time to load a pool snapshot from the database and swap it in, by kind (full, incremental)",
+                &["kind"],
                 BACKGROUND_BUCKETS.to_vec()
             )
             .expect("metric"),

@@ -692,6 +692,38 @@ mod rollup_tests {
         }
     }
 
+    /// A batch of the default size with as many settlements, key outcomes and rollup rows as records: every
+    /// multi-row statement is chunked below the placeholder limits (SQLite's 32766, MySQL's 65535).
+    #[tokio::test]
+    async fn a_batch_of_the_default_size_fits_the_statement_limits() {
+        use sea_orm::PaginatorTrait;
+        for t in TestDb::all().await {
+            let (db, l) = (&t.db, t.label);
+            let mut f = fixture(db).await;
+            let n = crate::config::UsageConfig::default().batch_size;
+            let records: Vec<UsageRecord> = (0..n as i64)
+                .map(|i| {
+                    let mut r = served(&f, &format!("big-{i}"), T0 + i, &format!("m{}", i % 7), 3);
+                    r.buyer_key_id = i + 1;
+                    // Keys that do not exist: their outcomes and rollups are still written.
+                    r.hosted_key_id = Some(f.key + 100 + i);
+                    r.key_attempts = vec![(f.key + 100 + i, true)];
+                    r
+                })
+                .collect();
+            f.writer.write_batch(&records).await.unwrap();
+            let n = n as u64;
+            assert_eq!(crate::db::usage_records::Entity::find().count(db).await.unwrap(), n, "{l}");
+            assert_eq!(rb::Entity::find().count(db).await.unwrap(), n, "{l}");
+            assert_eq!(rs::Entity::find().count(db).await.unwrap(), n, "{l}");
+            let hold = ledger::find_hold(db, f.charge.hold_id).await.unwrap().unwrap();
+            assert_eq!(hold.spent, 3 * n as i64, "{l}");
+            let violations = ledger::check(db, crate::now_ms(), 3_600_000).await.unwrap();
+            assert!(violations.is_empty(), "{l}: {violations:?}");
+            t.cleanup().await;
+        }
+    }
+
     #[tokio::test]
     async fn the_migration_backfills_what_the_writer_counts() {
         for t in TestDb::all().await {

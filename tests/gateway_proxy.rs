@@ -28,6 +28,7 @@ backend_tests!(
     client_disconnect_mid_stream_is_metered,
     failover_past_fail500_key,
     failover_past_fail429_key,
+    large_bodies_fail_over_too,
     traffic_follows_remaining_balance,
     buyer_authorization_never_reaches_upstream,
     proxy_path_routes_by_model_in_path,
@@ -223,7 +224,9 @@ async fn client_disconnect_mid_stream_is_metered(backend: Backend) {
     assert!(record.latency_ms < 5_000, "{record:?}");
 }
 
-async fn failover_past_failing_key(backend: Backend, failing_key: &str) {
+/// Bodies up to 64 KiB go through Pingora's own proxy flow, larger ones through one subrequest per attempt
+/// (src/proxy/call.rs): `prompt_bytes` 0 sends small bodies, more sends bodies of about that size.
+async fn failover_past_failing_key(backend: Backend, failing_key: &str, prompt_bytes: usize) {
     const REQUESTS: usize = 20;
     let env = TestEnv::new(backend).await;
     let buyer_key = env.seller_and_buyer().await;
@@ -233,14 +236,19 @@ async fn failover_past_failing_key(backend: Backend, failing_key: &str) {
 
     for i in 0..REQUESTS {
         let stream = i % 2 == 1;
-        let reply = gateway.chat(&buyer_key.key, MODEL, 2, stream).await;
+        let (reply, tokens) = if prompt_bytes == 0 {
+            (gateway.chat(&buyer_key.key, MODEL, 2, stream).await, 2)
+        } else {
+            let body = big_chat_body(prompt_bytes, stream);
+            (gateway.post_json("/v1/chat/completions", Some(&buyer_key.key), &body).await, 3)
+        };
         assert_eq!(reply.status, StatusCode::OK, "request {i}: {}", reply.text());
         let content = if stream {
             sse_content(&sse_events(&reply.text()))
         } else {
             reply.json()["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned()
         };
-        assert_eq!(content, mock_content(2), "request {i}");
+        assert_eq!(content, mock_content(tokens), "request {i}");
     }
 
     let counts = env.mock.counts().await;
@@ -261,11 +269,15 @@ async fn failover_past_failing_key(backend: Backend, failing_key: &str) {
 }
 
 async fn failover_past_fail500_key(backend: Backend) {
-    failover_past_failing_key(backend, "sk-mock-fail500-ffff").await;
+    failover_past_failing_key(backend, "sk-mock-fail500-ffff", 0).await;
 }
 
 async fn failover_past_fail429_key(backend: Backend) {
-    failover_past_failing_key(backend, "sk-mock-fail429-gggg").await;
+    failover_past_failing_key(backend, "sk-mock-fail429-gggg", 0).await;
+}
+
+async fn large_bodies_fail_over_too(backend: Backend) {
+    failover_past_failing_key(backend, "sk-mock-fail500-hhhh", 100 * 1024).await;
 }
 
 /// Two keys whose balances stand 1:3 get traffic 1:3. Balances are large so that the traffic itself

@@ -9,6 +9,7 @@ mod m20261124_000002_ledger;
 mod m20261124_000003_key_events;
 mod m20261124_000004_risk;
 mod m20261124_000005_reports;
+mod m20261124_000006_track_pool_changes;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000003_key_events::Migration),
             Box::new(m20261124_000004_risk::Migration),
             Box::new(m20261124_000005_reports::Migration),
+            Box::new(m20261124_000006_track_pool_changes::Migration),
         ]
     }
 }

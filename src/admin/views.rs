@@ -196,6 +196,7 @@ mod tests {
             status_cause: String::new(),
             checked_successes: 0,
             checked_failures: 0,
+            pool_changed_at_ms: 0,
         }
     }
 

@@ -1,9 +1,11 @@
 //! Queries over `hosted_keys` (seller keys in the pool).
 
+use std::collections::BTreeMap;
+
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter,
+    QueryOrder, QuerySelect, Select, Statement, TransactionTrait, Value,
 };
 
 pub use super::entities::hosted_keys::{ActiveModel, Column, Entity, Model};
@@ -65,6 +67,7 @@ pub async fn insert(db: &impl ConnectionTrait, new: NewHostedKey) -> Result<Mode
         status_cause: Set(String::new()),
         checked_successes: Set(0),
         checked_failures: Set(0),
+        pool_changed_at_ms: Set(new.now_ms),
         ..Default::default()
     }
     .insert(db)
@@ -74,6 +77,66 @@ pub async fn insert(db: &impl ConnectionTrait, new: NewHostedKey) -> Result<Mode
 /// Every key whatever its status (the pool counts paused, depleted and flagged keys too).
 pub async fn list_all(db: &impl ConnectionTrait) -> Result<Vec<Model>, DbErr> {
     Entity::find().order_by_asc(Column::Id).all(db).await
+}
+
+/// The columns of a key that the gateway's pool snapshot is built from: a reload of 100,000 keys reads
+/// these, not whole rows.
+#[derive(Clone, Debug, PartialEq, Eq, FromQueryResult)]
+pub struct PoolRow {
+    pub id: i64,
+    pub uid: String,
+    pub owner_id: i64,
+    pub provider: String,
+    pub base_url: String,
+    /// Comma-separated model names.
+    pub models: String,
+    pub api_key_enc: String,
+    pub status: String,
+    pub pool: String,
+    pub remaining_balance: i64,
+    pub priority: i64,
+    pub max_concurrency: i64,
+    pub max_spend_per_day: i64,
+    pub spent_today: i64,
+    pub spend_day: i64,
+}
+
+fn pool_rows_query() -> Select<Entity> {
+    Entity::find().select_only().columns([
+        Column::Id,
+        Column::Uid,
+        Column::OwnerId,
+        Column::Provider,
+        Column::BaseUrl,
+        Column::Models,
+        Column::ApiKeyEnc,
+        Column::Status,
+        Column::Pool,
+        Column::RemainingBalance,
+        Column::Priority,
+        Column::MaxConcurrency,
+        Column::MaxSpendPerDay,
+        Column::SpentToday,
+        Column::SpendDay,
+    ])
+}
+
+/// Every key whatever its status, for the pool snapshot (in no particular order).
+pub async fn pool_rows(db: &impl ConnectionTrait) -> Result<Vec<PoolRow>, DbErr> {
+    pool_rows_query().into_model::<PoolRow>().all(db).await
+}
+
+/// The keys whose pool columns changed at or after `since_ms` (`pool_changed_at_ms`), in no particular order
+/// (an `ORDER BY id` could make MySQL scan the whole table in id order rather than the index range).
+pub async fn pool_rows_changed_since(db: &impl ConnectionTrait, since_ms: i64) -> Result<Vec<PoolRow>, DbErr> {
+    pool_rows_query().filter(Column::PoolChangedAtMs.gte(since_ms)).into_model::<PoolRow>().all(db).await
+}
+
+/// How many keys there are, whatever their status. A plain `COUNT(*)` (the paginator's count wraps the
+/// whole select in a derived table, which MySQL materialises).
+pub async fn count(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
+    let n: Option<i64> = Entity::find().select_only().column_as(Column::Id.count(), "n").into_tuple().one(db).await?;
+    Ok(n.unwrap_or(0))
 }
 
 pub async fn list_for_owner(db: &impl ConnectionTrait, owner_id: i64) -> Result<Vec<Model>, DbErr> {
@@ -102,7 +165,9 @@ pub async fn update_platform(
     name: Option<&str>,
     now_ms: i64,
 ) -> Result<bool, DbErr> {
-    let mut update = Entity::update_many().col_expr(Column::UpdatedAtMs, Expr::value(now_ms));
+    let mut update = Entity::update_many()
+        .col_expr(Column::UpdatedAtMs, Expr::value(now_ms))
+        .col_expr(Column::PoolChangedAtMs, Expr::value(now_ms));
     if let Some(priority) = priority {
         update = update.col_expr(Column::Priority, Expr::value(priority));
     }
@@ -130,7 +195,9 @@ pub async fn update_seller(
     changes: &SellerKeyUpdate<'_>,
     now_ms: i64,
 ) -> Result<bool, DbErr> {
-    let mut update = Entity::update_many().col_expr(Column::UpdatedAtMs, Expr::value(now_ms));
+    let mut update = Entity::update_many()
+        .col_expr(Column::UpdatedAtMs, Expr::value(now_ms))
+        .col_expr(Column::PoolChangedAtMs, Expr::value(now_ms));
     if let Some(name) = changes.name {
         update = update.col_expr(Column::Name, Expr::value(name));
     }
@@ -186,6 +253,7 @@ pub async fn transition_status_with_cause(
         .col_expr(Column::Status, Expr::value(to))
         .col_expr(Column::StatusCause, Expr::value(cause))
         .col_expr(Column::UpdatedAtMs, Expr::value(now_ms))
+        .col_expr(Column::PoolChangedAtMs, Expr::value(now_ms))
         .filter(Column::Id.eq(key_id))
         .filter(Column::OwnerId.eq(owner_id))
         .filter(Column::Status.eq(from))
@@ -206,6 +274,7 @@ pub async fn replace_ciphertext(
     let result = Entity::update_many()
         .col_expr(Column::ApiKeyEnc, Expr::value(replacement))
         .col_expr(Column::UpdatedAtMs, Expr::value(now_ms))
+        .col_expr(Column::PoolChangedAtMs, Expr::value(now_ms))
         .filter(Column::Id.eq(key_id))
         .filter(Column::ApiKeyEnc.eq(expected))
         .exec(db)
@@ -225,55 +294,116 @@ pub struct KeyOutcome {
     pub spent: i64,
 }
 
+/// Keys per update. The database tries the `CASE id` arms one by one for each row and column (up to six
+/// columns here), so a chunk costs the square of its size (see `ledger::CASE_CHUNK`); at about 7 ns per arm
+/// on MariaDB, 100 keys cost about what a round trip does.
+const KEYS_PER_UPDATE: usize = 100;
+
 /// Adds the counts with `col = col + n` (several gateway nodes update the same keys concurrently, so a
-/// read-modify-write would lose increments) and moves the timestamps forward, never back, in one
-/// transaction. Keys are updated in id order so that concurrent writers lock rows in the same order.
+/// read-modify-write would lose increments) and moves the timestamps forward, never back, atomically: one
+/// `UPDATE ... SET col = CASE id WHEN ... END ... WHERE id IN (...)` per `KEYS_PER_UPDATE` keys (a round
+/// trip per key made this the slowest phase of a usage batch on MySQL). Outcomes of one key are merged;
+/// keys go in id order so that concurrent writers lock rows in the same order.
 pub async fn apply_outcomes<C>(db: &C, outcomes: &[KeyOutcome]) -> Result<(), DbErr>
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    let mut outcomes: Vec<&KeyOutcome> = outcomes
-        .iter()
-        .filter(|o| {
-            o.successes != 0
-                || o.failures != 0
-                || o.spent != 0
-                || o.last_used_at_ms.is_some()
-                || o.last_failure_at_ms.is_some()
+    let mut merged: BTreeMap<i64, KeyOutcome> = BTreeMap::new();
+    for o in outcomes {
+        let nothing = o.successes == 0
+            && o.failures == 0
+            && o.spent == 0
+            && o.last_used_at_ms.is_none()
+            && o.last_failure_at_ms.is_none();
+        if nothing {
+            continue;
+        }
+        let m = merged.entry(o.key_id).or_insert(KeyOutcome {
+            key_id: o.key_id,
+            successes: 0,
+            failures: 0,
+            last_used_at_ms: None,
+            last_failure_at_ms: None,
+            spent: 0,
+        });
+        m.successes = m.successes.saturating_add(o.successes);
+        m.failures = m.failures.saturating_add(o.failures);
+        m.spent = m.spent.saturating_add(o.spent);
+        m.last_used_at_ms = m.last_used_at_ms.max(o.last_used_at_ms);
+        m.last_failure_at_ms = m.last_failure_at_ms.max(o.last_failure_at_ms);
+    }
+    let outcomes: Vec<KeyOutcome> = merged.into_values().collect();
+    let backend = db.get_database_backend();
+    let now = crate::now_ms();
+    let statements: Vec<Statement> = outcomes
+        .chunks(KEYS_PER_UPDATE)
+        .map(|chunk| {
+            let (sql, values) = outcomes_update(chunk, now);
+            Statement::from_sql_and_values(backend, sql, values)
         })
         .collect();
-    if outcomes.is_empty() {
+    if statements.len() <= 1 {
+        // One statement is atomic by itself: no savepoint round trips inside the usage writer's transaction.
+        for statement in statements {
+            db.execute(statement).await?;
+        }
         return Ok(());
     }
-    outcomes.sort_by_key(|o| o.key_id);
-    let today = utc_day(crate::now_ms());
     let txn = db.begin().await?;
-    for outcome in outcomes {
-        let mut update = Entity::update_many()
-            .col_expr(Column::SuccessCount, Expr::col(Column::SuccessCount).add(outcome.successes))
-            .col_expr(Column::FailureCount, Expr::col(Column::FailureCount).add(outcome.failures))
-            .col_expr(Column::RemainingBalance, Expr::col(Column::RemainingBalance).sub(outcome.spent));
-        if outcome.spent != 0 {
-            // spent_today before spend_day: MySQL evaluates SET assignments left to right with the values
-            // already assigned (SQLite uses the old row), so this order reads the old day on both.
-            update = update
-                .col_expr(
-                    Column::SpentToday,
-                    Expr::case(Expr::col(Column::SpendDay).eq(today), Expr::col(Column::SpentToday).add(outcome.spent))
-                        .finally(Expr::value(outcome.spent))
-                        .into(),
-                )
-                .col_expr(Column::SpendDay, Expr::value(today));
-        }
-        if let Some(at) = outcome.last_used_at_ms {
-            update = update.col_expr(Column::LastUsedAtMs, latest(Column::LastUsedAtMs, at));
-        }
-        if let Some(at) = outcome.last_failure_at_ms {
-            update = update.col_expr(Column::LastFailureAtMs, latest(Column::LastFailureAtMs, at));
-        }
-        update.filter(Column::Id.eq(outcome.key_id)).exec(&txn).await?;
+    for statement in statements {
+        txn.execute(statement).await?;
     }
     txn.commit().await
+}
+
+/// The update of one chunk of merged outcomes, each column changed only on the keys that have something
+/// for it (`ELSE` keeps the others' value), and left out when no key has.
+fn outcomes_update(chunk: &[KeyOutcome], now: i64) -> (String, Vec<Value>) {
+    let today = utc_day(now);
+    let mut update = CaseUpdate::default();
+    let some = |n: i64| (n != 0).then(|| vec![Value::from(n)]);
+    update.set("success_count", chunk, "success_count + ?", |o| some(o.successes));
+    update.set("failure_count", chunk, "failure_count + ?", |o| some(o.failures));
+    update.set("remaining_balance", chunk, "remaining_balance - ?", |o| some(o.spent));
+    // spent_today before spend_day: MySQL evaluates SET assignments left to right with the values already
+    // assigned (SQLite uses the old row), so this order reads the old day on both.
+    let spent = |o: &KeyOutcome| (o.spent != 0).then(|| vec![Value::from(o.spent), Value::from(o.spent)]);
+    update.set("spent_today", chunk, &format!("CASE WHEN spend_day = {today} THEN spent_today + ? ELSE ? END"), spent);
+    update.set("spend_day", chunk, &today.to_string(), |o| (o.spent != 0).then(Vec::new));
+    // The balance (the key's weight) and the day's spend are in the pool snapshot.
+    update.set("pool_changed_at_ms", chunk, &now.to_string(), |o| (o.spent != 0).then(Vec::new));
+    let at = |at: Option<i64>| at.map(|at| vec![Value::from(at), Value::from(at)]);
+    update.set("last_used_at_ms", chunk, &latest("last_used_at_ms"), |o| at(o.last_used_at_ms));
+    update.set("last_failure_at_ms", chunk, &latest("last_failure_at_ms"), |o| at(o.last_failure_at_ms));
+    let ids = vec!["?"; chunk.len()].join(", ");
+    update.values.extend(chunk.iter().map(|o| Value::from(o.key_id)));
+    (format!("UPDATE hosted_keys SET {} WHERE id IN ({ids})", update.sets.join(", ")), update.values)
+}
+
+/// The `SET` list of an update by key id, with its values in placeholder order.
+#[derive(Default)]
+struct CaseUpdate {
+    sets: Vec<String>,
+    values: Vec<Value>,
+}
+
+impl CaseUpdate {
+    /// `column = CASE id WHEN ? THEN {then} ... ELSE column END` over the keys for which `arm` gives the
+    /// values of `then`'s placeholders; nothing when no key does.
+    fn set(&mut self, column: &str, chunk: &[KeyOutcome], then: &str, arm: impl Fn(&KeyOutcome) -> Option<Vec<Value>>) {
+        let mut case = String::new();
+        for o in chunk {
+            if let Some(values) = arm(o) {
+                case.push_str(" WHEN ? THEN ");
+                case.push_str(then);
+                self.values.push(o.key_id.into());
+                self.values.extend(values);
+            }
+        }
+        if !case.is_empty() {
+            self.sets.push(format!("{column} = CASE id{case} ELSE {column} END"));
+        }
+    }
 }
 
 /// Days since the Unix epoch (UTC) of a millisecond timestamp: the unit of the daily spend cap.
@@ -281,10 +411,11 @@ pub fn utc_day(ms: i64) -> i64 {
     ms.div_euclid(86_400_000)
 }
 
-/// `CASE WHEN col IS NULL OR col < at THEN at ELSE col END`: batches from several nodes may arrive out of
-/// order. (SQLite's `max()` and MySQL's `GREATEST()` differ, and both return NULL for a NULL argument.)
-fn latest(column: Column, at: i64) -> sea_orm::sea_query::SimpleExpr {
-    Expr::case(Expr::col(column).is_null().or(Expr::col(column).lt(at)), at).finally(Expr::col(column)).into()
+/// `CASE WHEN col IS NULL OR col < ? THEN ? ELSE col END` (the time twice): batches from several nodes may
+/// arrive out of order. (SQLite's `max()` and MySQL's `GREATEST()` differ, and both return NULL for a NULL
+/// argument.)
+fn latest(column: &str) -> String {
+    format!("CASE WHEN {column} IS NULL OR {column} < ? THEN ? ELSE {column} END")
 }
 
 #[cfg(test)]
@@ -384,6 +515,79 @@ pub(crate) mod tests {
             apply_outcomes(db, &[spend(5)]).await.unwrap();
             let row = find_for_owner(db, 1, a.id).await.unwrap().unwrap();
             assert_eq!((row.spent_today, row.spend_day), (5, utc_day(crate::now_ms())), "{}", t.label);
+            t.cleanup().await;
+        }
+    }
+
+    /// (successes, failures, remaining balance, spent today, spend day, last used, last failure).
+    type Row = (i64, i64, i64, i64, i64, Option<i64>, Option<i64>);
+
+    async fn row(db: &sea_orm::DatabaseConnection, key_id: i64) -> Row {
+        let k = find(db, key_id).await.unwrap().unwrap();
+        (
+            k.success_count,
+            k.failure_count,
+            k.remaining_balance,
+            k.spent_today,
+            k.spend_day,
+            k.last_used_at_ms,
+            k.last_failure_at_ms,
+        )
+    }
+
+    /// One batch over many keys sets each row as applying its outcome alone would: spend with and without
+    /// a day rollover, keys without spend, NULL and newer timestamps, a key repeated in the batch, keys
+    /// given out of order, and more keys than one update takes.
+    #[tokio::test]
+    async fn a_batch_of_outcomes_sets_every_row_as_one_by_one_would() {
+        for t in TestDb::all().await {
+            let (db, l) = (&t.db, t.label);
+            let today = utc_day(crate::now_ms());
+            let mut ids = Vec::new();
+            for uid in ["a", "b", "c", "d", "e", "f"] {
+                ids.push(insert(db, new_key(1, uid)).await.unwrap().id);
+            }
+            let [a, b, c, d, e, f] = ids[..] else { unreachable!() };
+            let set = |id: i64, spend_day: i64, spent_today: i64, used: Option<i64>, failed: Option<i64>| {
+                Entity::update_many()
+                    .col_expr(Column::SpendDay, Expr::value(spend_day))
+                    .col_expr(Column::SpentToday, Expr::value(spent_today))
+                    .col_expr(Column::LastUsedAtMs, Expr::value(used))
+                    .col_expr(Column::LastFailureAtMs, Expr::value(failed))
+                    .filter(Column::Id.eq(id))
+                    .exec(db)
+            };
+            set(b, today - 1, 70, Some(100), Some(100)).await.unwrap();
+            set(c, today, 20, Some(500), None).await.unwrap();
+            set(f, today - 1, 9, Some(7), None).await.unwrap();
+            let spend = |o: KeyOutcome, spent| KeyOutcome { spent, ..o };
+            let batch = [
+                spend(outcome(c, 1, 0, Some(400), None), 5),
+                outcome(a, 2, 1, Some(300), Some(250)),
+                spend(outcome(b, 0, 2, Some(50), Some(150)), 10),
+                outcome(d, 0, 0, None, None),
+                spend(outcome(e, 0, 0, None, None), 7),
+                outcome(a, 1, 0, Some(350), None),
+            ];
+            apply_outcomes(db, &batch).await.unwrap();
+            assert_eq!(row(db, a).await, (3, 1, 1_000, 0, 0, Some(350), Some(250)), "{l}: NULLs take the times");
+            assert_eq!(row(db, b).await, (0, 2, 990, 10, today, Some(100), Some(150)), "{l}: a new day");
+            assert_eq!(row(db, c).await, (1, 0, 995, 25, today, Some(500), None), "{l}: the same day");
+            assert_eq!(row(db, d).await, (0, 0, 1_000, 0, 0, None, None), "{l}: nothing to apply");
+            assert_eq!(row(db, e).await, (0, 0, 993, 7, today, None, None), "{l}: spend alone");
+            assert_eq!(row(db, f).await, (0, 0, 1_000, 9, today - 1, Some(7), None), "{l}: not in the batch");
+
+            // More keys than one update takes, given in descending id order.
+            let mut many = Vec::new();
+            for i in 0..KEYS_PER_UPDATE + 2 {
+                many.push(insert(db, new_key(2, &format!("m{i}"))).await.unwrap().id);
+            }
+            let batch: Vec<KeyOutcome> =
+                many.iter().rev().map(|&id| spend(outcome(id, id, 1, Some(id), None), 1)).collect();
+            apply_outcomes(db, &batch).await.unwrap();
+            for &id in &many {
+                assert_eq!(row(db, id).await, (id, 1, 999, 1, today, Some(id), None), "{l}: key {id}");
+            }
             t.cleanup().await;
         }
     }

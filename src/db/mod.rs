@@ -26,7 +26,7 @@ use migration::MigratorTrait;
 use sea_orm::sqlx::mysql::MySqlConnectOptions;
 use sea_orm::sqlx::pool::PoolOptions;
 use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sea_orm::sqlx::ConnectOptions as _;
+use sea_orm::sqlx::{ConnectOptions as _, Connection as _};
 use sea_orm::{DatabaseConnection, DbErr, RuntimeErr, SqlxMySqlConnector, SqlxSqliteConnector};
 
 /// How long an SQLite writer waits for another writer's lock before failing with "database is locked".
@@ -70,6 +70,14 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
         .busy_timeout(SQLITE_BUSY_TIMEOUT)
         .foreign_keys(true)
         .disable_statement_logging();
+    if !is_sqlite_memory(path) {
+        // Switching a new database to WAL needs it exclusively, and the pool opens its first connections at
+        // once (the connect check and `min_connections`): one of them could fail with "database is locked"
+        // without waiting for the busy timeout (seen once in CI). The mode is stored in the file: set it on
+        // one connection first, and the pool's connections find it set.
+        let first = options.connect().await.map_err(conn_err)?;
+        first.close().await.map_err(conn_err)?;
+    }
     let pool = pool_options(max_connections).connect_with(options).await.map_err(conn_err)?;
     Ok(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool))
 }

@@ -104,7 +104,8 @@ pub async fn transition(c: &impl ConnectionTrait, t: &Transition<'_>) -> Result<
         .col_expr(Column::Status, Expr::value(t.to))
         .col_expr(Column::StatusCause, Expr::value(t.cause))
         .col_expr(Column::Review, Expr::value(t.review))
-        .col_expr(Column::UpdatedAtMs, Expr::value(t.now_ms));
+        .col_expr(Column::UpdatedAtMs, Expr::value(t.now_ms))
+        .col_expr(Column::PoolChangedAtMs, Expr::value(t.now_ms));
     if let Some(at) = t.next_check_at_ms {
         update = update.col_expr(Column::NextCheckAtMs, Expr::value(at));
     }

@@ -1,7 +1,11 @@
 //! Building a [`PoolSnapshot`] from database rows: decrypting seller keys, parsing base URLs and resolving
 //! their hosts (in the background refresher, never on the request path).
+//!
+//! A reload is full (every key row) or incremental (only the rows whose `pool_changed_at_ms` moved since
+//! the previous load, laid over the previous snapshot's rows). Either way a row whose columns and upstream
+//! are unchanged keeps its entry as it is: a reload decrypts and allocates only what changed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,15 +17,36 @@ use sea_orm::{DatabaseConnection, DbErr};
 use super::{BuyerKey, FallbackRoute, ModelRoute, PoolSnapshot, SellerKey, StatusCounts, Upstream};
 use crate::billing::{BuyerFunds, EscrowFunds, Price};
 use crate::crypto::Keyring;
-use crate::db::entities::{buyer_keys, hosted_keys};
+use crate::db::entities::buyer_keys;
+use crate::db::hosted_keys::PoolRow;
 use crate::health::{HealthAttacher, HealthRegistry};
 
-/// What a load skipped, so that the refresher can log it once per key rather than per request.
+/// Which rows a reload reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// Every key row: catches deleted rows and anything an incremental reload could miss.
+    Full,
+    /// The rows whose pool columns changed at or after this time (ms), over the previous snapshot.
+    ChangedSince(i64),
+}
+
+/// What a load did and skipped, so that the refresher can log it once per key rather than per request.
 #[derive(Debug, Default)]
 pub struct LoadReport {
-    /// (key id, reason) of active keys that could not be routed.
+    /// (key id, reason) of active keys that could not be routed, among the rows this load built.
     pub unroutable: Vec<(i64, String)>,
+    /// Whether every row was read (an incremental reload turns full when it finds rows deleted or an
+    /// upstream address changed).
+    pub full: bool,
+    /// Key rows read from the database.
+    pub rows_read: usize,
+    /// Reading the database (and resolving hosts), then building the snapshot.
+    pub read: Duration,
+    pub build: Duration,
 }
+
+/// An upstream per distinct base URL of an active key, or why keys on it cannot be routed.
+pub type Upstreams = HashMap<String, Result<Arc<Upstream>, String>>;
 
 /// A parsed seller base URL, before resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +68,18 @@ fn parse_base_url(raw: &str) -> Result<BaseUrl, String> {
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let base_path = uri.path().trim_end_matches('/').to_string();
     Ok(BaseUrl { tls, host, port, base_path })
+}
+
+impl BaseUrl {
+    fn upstream(self, addr: SocketAddr) -> Upstream {
+        let default_port = if self.tls { 443 } else { 80 };
+        let authority = if self.port == default_port {
+            bracket_ipv6(&self.host)
+        } else {
+            format!("{}:{}", bracket_ipv6(&self.host), self.port)
+        };
+        Upstream { addr, tls: self.tls, host: self.host, authority, base_path: self.base_path }
+    }
 }
 
 /// Caches host resolutions between refreshes; entries older than the TTL are resolved again, and a failed
@@ -90,40 +127,114 @@ impl HostResolver {
         }
         out
     }
+
+    /// Parses and resolves each base URL once. An upstream equal to one of `previous` is that very `Arc`,
+    /// so keys built on it stay reusable.
+    async fn upstreams<'a>(&mut self, base_urls: impl IntoIterator<Item = &'a str>, previous: &Upstreams) -> Upstreams {
+        let parsed: Vec<(&str, Result<BaseUrl, String>)> =
+            base_urls.into_iter().map(|url| (url, parse_base_url(url))).collect();
+        let wanted = parsed.iter().filter_map(|(_, u)| u.as_ref().ok()).map(|u| (u.host.clone(), u.port)).collect();
+        let resolved = self.resolve_all(wanted).await;
+        parsed
+            .into_iter()
+            .map(|(url, parsed)| {
+                let upstream = parsed.and_then(|u| {
+                    let addr = *resolved.get(&(u.host.clone(), u.port)).ok_or("base_url host does not resolve")?;
+                    let upstream = u.upstream(addr);
+                    Ok(match previous.get(url) {
+                        Some(Ok(same)) if **same == upstream => same.clone(),
+                        _ => Arc::new(upstream),
+                    })
+                });
+                (url.to_string(), upstream)
+            })
+            .collect()
+    }
 }
 
-/// Loads every key from the database and builds a fresh snapshot, attaching each key's health from
-/// `health` (and dropping the health of keys that left the pool).
+/// Loads the key rows that `reload` asks for and builds a fresh snapshot over `previous`, attaching each
+/// key's health from `health` (and dropping the health of keys that left the pool).
 ///
-/// Building (decrypting every key) is CPU work proportional to the pool: it runs on a blocking thread, so
-/// that a pool of 100,000 keys does not occupy a runtime worker for the tasks queued behind it.
+/// An incremental reload turns full when the table holds another number of keys than the snapshot would
+/// (a row was deleted) or when the address of a base URL in use changed (its keys must be rebuilt).
+///
+/// Building (decrypting the keys that changed, the routes) is CPU work proportional to the pool: it runs
+/// on a blocking thread, so that a pool of 100,000 keys does not occupy a runtime worker for the tasks
+/// queued behind it.
 pub async fn load_snapshot(
     db: &DatabaseConnection,
     keyring: &Arc<Keyring>,
     resolver: &mut HostResolver,
     health: &Arc<HealthRegistry>,
     previous: Arc<PoolSnapshot>,
+    reload: Reload,
 ) -> Result<(PoolSnapshot, LoadReport), DbErr> {
     let now = crate::now_ms();
-    let hosted = crate::db::hosted_keys::list_all(db).await?;
+    let started = Instant::now();
+    let incremental = match reload {
+        Reload::ChangedSince(since) if previous.loaded_at_ms != 0 => {
+            changed_rows(db, resolver, &previous, since).await?
+        }
+        _ => None,
+    };
+    let (rows, upstreams, complete) = match incremental {
+        Some((rows, upstreams)) => (rows, upstreams, false),
+        None => {
+            let rows = crate::db::hosted_keys::pool_rows(db).await?;
+            let base_urls: HashSet<&str> = active(&rows).map(|r| r.base_url.as_str()).collect();
+            let upstreams = resolver.upstreams(base_urls, &previous.upstreams).await;
+            (rows, upstreams, true)
+        }
+    };
     let buyers = crate::db::buyer_keys::list_usable(db, now).await?;
-    // Most keys of a large pool share a few base URLs: each distinct one is parsed once.
-    let base_urls: HashSet<&str> =
-        hosted.iter().filter(|k| k.status == "active").map(|k| k.base_url.as_str()).collect();
-    let wanted: HashSet<(String, u16)> =
-        base_urls.into_iter().filter_map(|url| parse_base_url(url).ok()).map(|u| (u.host, u.port)).collect();
-    let resolved = resolver.resolve_all(wanted).await;
     let prices = crate::db::prices::list(db).await?;
     let funding = crate::db::funds::funding_rows(db).await?;
     let (keyring, health) = (keyring.clone(), health.clone());
+    let read = started.elapsed();
     tokio::task::spawn_blocking(move || {
-        let (mut snapshot, report) = build_snapshot(hosted, buyers, &keyring, &resolved, now, &health, &previous);
+        let building = Instant::now();
+        let rows = KeyRows { rows, complete };
+        let (mut snapshot, mut report) = build_snapshot(rows, buyers, &keyring, upstreams, now, &health, &previous);
         snapshot.prices = build_prices(prices);
         snapshot.funds = build_funds(funding);
+        (report.read, report.build) = (read, building.elapsed());
         (snapshot, report)
     })
     .await
     .map_err(|e| DbErr::Custom(format!("building the pool snapshot failed: {e}")))
+}
+
+/// The rows changed since `since` and the upstreams of the snapshot they make, or None when the reload
+/// must be full.
+async fn changed_rows(
+    db: &DatabaseConnection,
+    resolver: &mut HostResolver,
+    previous: &PoolSnapshot,
+    since: i64,
+) -> Result<Option<(Vec<PoolRow>, Upstreams)>, DbErr> {
+    let rows = crate::db::hosted_keys::pool_rows_changed_since(db, since).await?;
+    let total = crate::db::hosted_keys::count(db).await?;
+    let added = rows.iter().filter(|r| !previous.entries.contains_key(&r.id)).count();
+    // A deleted row never shows up as changed; the count tells. (A row added between the two queries
+    // makes them disagree too: a needless full reload, never a missed change.)
+    if i64::try_from(previous.entries.len() + added).ok() != Some(total) {
+        return Ok(None);
+    }
+    let base_urls: HashSet<&str> =
+        previous.upstreams.keys().map(String::as_str).chain(active(&rows).map(|r| r.base_url.as_str())).collect();
+    let upstreams = resolver.upstreams(base_urls, &previous.upstreams).await;
+    // Keys on a base URL whose address changed are among the unchanged rows: only a full reload rebuilds
+    // them.
+    let moved = previous.upstreams.iter().any(|(url, before)| match (before, upstreams.get(url)) {
+        (Ok(before), Some(Ok(now))) => !Arc::ptr_eq(before, now),
+        (Err(_), Some(Err(_))) => false,
+        _ => true,
+    });
+    Ok((!moved).then_some((rows, upstreams)))
+}
+
+fn active(rows: &[PoolRow]) -> impl Iterator<Item = &PoolRow> {
+    rows.iter().filter(|r| r.status == "active")
 }
 
 fn build_prices(rows: Vec<crate::db::prices::Model>) -> HashMap<String, Price> {
@@ -161,81 +272,151 @@ fn build_funds(rows: crate::db::funds::FundingRows) -> HashMap<i64, BuyerFunds> 
     funds
 }
 
-/// Builds a snapshot from rows and already-resolved addresses. Pure apart from decryption and the
+/// One key row as a snapshot holds it, routable or not: what the next reload starts from.
+#[derive(Debug)]
+pub struct PoolEntry {
+    id: i64,
+    status: String,
+    /// Comma-separated, as stored.
+    models: String,
+    /// Of the row's columns but the models (see [`row_digest`]).
+    digest: u64,
+    /// Active keys: the routable key, or why it cannot be routed.
+    key: Option<Result<Arc<SellerKey>, String>>,
+}
+
+impl PoolEntry {
+    fn models(&self) -> impl Iterator<Item = &str> {
+        self.models.split(',').map(str::trim).filter(|m| !m.is_empty())
+    }
+
+    /// The row is unchanged and, if the key is routable, so is its upstream (unroutable keys are built
+    /// again: they are few, and a reload reports them).
+    fn reusable(&self, digest: u64, upstream: Option<&Result<Arc<Upstream>, String>>) -> bool {
+        self.digest == digest
+            && match (&self.key, upstream) {
+                (None, _) => true,
+                (Some(Ok(key)), Some(Ok(upstream))) => Arc::ptr_eq(&key.upstream, upstream),
+                _ => false,
+            }
+    }
+
+    /// The routable key, if the row is an active, routable key.
+    pub fn key(&self) -> Option<&Arc<SellerKey>> {
+        self.key.as_ref().and_then(|k| k.as_ref().ok())
+    }
+}
+
+/// Key rows for [`build_snapshot`]: every row (`complete`), or the changed rows to lay over the previous
+/// snapshot's.
+pub struct KeyRows {
+    pub rows: Vec<PoolRow>,
+    pub complete: bool,
+}
+
+/// Builds a snapshot from rows and the upstreams of their base URLs. Pure apart from decryption and the
 /// health registry, whose key set it replaces with the routable keys of this snapshot (each keeps the
-/// health it had), so it is unit-testable and cheap to time for large pools. A key of `previous` whose row
-/// and address are unchanged is reused as it is: a reload of a large, mostly unchanged pool decrypts and
-/// allocates only what changed.
+/// health it had), so it is unit-testable and cheap to time for large pools. An entry of `previous` whose
+/// row and upstream are unchanged is reused as it is.
 ///
 /// Active keys of the `seller` pool go into the weighted routes; active `platform` keys into the
 /// fallback routes, sorted by (priority, id).
 pub fn build_snapshot(
-    hosted: Vec<hosted_keys::Model>,
+    rows: KeyRows,
     buyers: Vec<buyer_keys::Model>,
     keyring: &Keyring,
-    resolved: &HashMap<(String, u16), SocketAddr>,
+    upstreams: Upstreams,
     now_ms: i64,
     health: &HealthRegistry,
     previous: &PoolSnapshot,
 ) -> (PoolSnapshot, LoadReport) {
-    let mut report = LoadReport::default();
-    let mut counts = StatusCounts::default();
-    let mut known_models = HashSet::new();
-    let mut by_model: HashMap<String, Vec<Arc<SellerKey>>> = HashMap::new();
-    let mut fallback_by_model: HashMap<String, Vec<Arc<SellerKey>>> = HashMap::new();
+    let mut report = LoadReport { full: rows.complete, rows_read: rows.rows.len(), ..LoadReport::default() };
     let mut attacher = health.attacher();
-    let mut seller_keys = HashMap::with_capacity(previous.seller_keys.len());
+    let mut entries = if rows.complete { BTreeMap::new() } else { previous.entries.clone() };
+    for row in rows.rows {
+        let digest = row_digest(&row);
+        let upstream = upstreams.get(&row.base_url);
+        let entry = match previous.entries.get(&row.id) {
+            Some(entry) if entry.reusable(digest, upstream) && entry.models == row.models => entry.clone(),
+            // Models are routes, not part of the key: the key is kept.
+            Some(entry) if entry.reusable(digest, upstream) => Arc::new(PoolEntry {
+                id: entry.id,
+                status: row.status,
+                models: row.models,
+                digest,
+                key: entry.key.clone(),
+            }),
+            _ => Arc::new(new_entry(row, digest, upstream, keyring, &mut attacher, &mut report)),
+        };
+        entries.insert(entry.id, entry);
+    }
+    let mut snapshot = derive(entries, &mut attacher);
+    attacher.commit();
+    snapshot.buyers = build_buyers(buyers);
+    snapshot.upstreams = upstreams;
+    snapshot.loaded_at_ms = now_ms;
+    (snapshot, report)
+}
 
-    // Distinct base URLs, parsed and resolved once each.
-    let mut addresses: HashMap<String, Option<SocketAddr>> = HashMap::new();
-    for row in hosted {
-        let models: Vec<&str> = row.models.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
-        for model in &models {
-            if !known_models.contains(*model) {
+fn new_entry(
+    row: PoolRow,
+    digest: u64,
+    upstream: Option<&Result<Arc<Upstream>, String>>,
+    keyring: &Keyring,
+    attacher: &mut HealthAttacher<'_>,
+    report: &mut LoadReport,
+) -> PoolEntry {
+    let key = (row.status == "active").then(|| {
+        let upstream = upstream.cloned().unwrap_or_else(|| Err("base_url was not resolved".into()));
+        let key = upstream.and_then(|upstream| routable_key(&row, upstream, keyring, attacher));
+        if let Err(reason) = &key {
+            report.unroutable.push((row.id, reason.clone()));
+        }
+        key.map(Arc::new)
+    });
+    PoolEntry { id: row.id, status: row.status, models: row.models, digest, key }
+}
+
+/// Routes, known models and counts of a complete set of entries, in id order (so that routes are built
+/// the same way from the same rows).
+fn derive(entries: BTreeMap<i64, Arc<PoolEntry>>, attacher: &mut HealthAttacher<'_>) -> PoolSnapshot {
+    let mut counts = StatusCounts::default();
+    let mut known_models: HashSet<String> = HashSet::new();
+    let mut by_model: HashMap<&str, Vec<Arc<SellerKey>>> = HashMap::new();
+    let mut fallback_by_model: HashMap<&str, Vec<Arc<SellerKey>>> = HashMap::new();
+    for entry in entries.values() {
+        for model in entry.models() {
+            if !known_models.contains(model) {
                 known_models.insert(model.to_string());
             }
         }
-        match row.status.as_str() {
+        match entry.status.as_str() {
             "active" => counts.active += 1,
             "paused" => counts.paused += 1,
             "depleted" => counts.depleted += 1,
             "flagged" => counts.flagged += 1,
             _ => {}
         }
-        if row.status != "active" {
-            continue;
-        }
-        if !addresses.contains_key(&row.base_url) {
-            let addr = parse_base_url(&row.base_url).ok().and_then(|u| resolved.get(&(u.host, u.port)).copied());
-            addresses.insert(row.base_url.clone(), addr);
-        }
-        let digest = row_digest(&row, addresses.get(&row.base_url).copied().flatten());
-        let reused = previous.seller_keys.get(&row.id).filter(|k| k.row_digest == digest).map(|k| {
-            attacher.attach(row.id);
-            k.clone()
-        });
-        match reused.map_or_else(|| routable_key(&row, keyring, resolved, digest, &mut attacher).map(Arc::new), Ok) {
-            Ok(key) => {
-                seller_keys.insert(key.id, key.clone());
+        match &entry.key {
+            Some(Ok(key)) => {
+                attacher.attach(key.id);
                 let routes = if key.platform { &mut fallback_by_model } else { &mut by_model };
-                for model in models {
-                    match routes.get_mut(model) {
-                        Some(keys) => keys.push(key.clone()),
-                        None => {
-                            routes.insert(model.to_string(), vec![key.clone()]);
-                        }
-                    }
+                for model in entry.models() {
+                    routes.entry(model).or_default().push(key.clone());
                 }
             }
-            Err(reason) => {
-                counts.unroutable += 1;
-                report.unroutable.push((row.id, reason));
-            }
+            Some(Err(_)) => counts.unroutable += 1,
+            None => {}
         }
     }
+    let routes = by_model.into_iter().map(|(model, keys)| (model.to_string(), ModelRoute::new(keys))).collect();
+    let fallback =
+        fallback_by_model.into_iter().map(|(model, keys)| (model.to_string(), FallbackRoute::new(keys))).collect();
+    PoolSnapshot { routes, fallback, known_models, status_counts: counts, entries, ..PoolSnapshot::default() }
+}
 
-    let buyers = buyers
-        .into_iter()
+fn build_buyers(rows: Vec<buyer_keys::Model>) -> HashMap<String, BuyerKey> {
+    rows.into_iter()
         .filter_map(|row| {
             let mut key_hash = [0u8; 32];
             // A malformed stored hash can never match; skip it rather than fail the whole load.
@@ -254,60 +435,37 @@ pub fn build_snapshot(
                 },
             ))
         })
-        .collect();
-
-    attacher.commit();
-    let routes = by_model.into_iter().map(|(model, keys)| (model, ModelRoute::new(keys))).collect();
-    let fallback = fallback_by_model.into_iter().map(|(model, keys)| (model, FallbackRoute::new(keys))).collect();
-    let snapshot = PoolSnapshot {
-        buyers,
-        routes,
-        fallback,
-        known_models,
-        status_counts: counts,
-        prices: HashMap::new(),
-        funds: HashMap::new(),
-        loaded_at_ms: now_ms,
-        seller_keys,
-    };
-    (snapshot, report)
+        .collect()
 }
 
-/// Everything of the row (and its host's address) that goes into its [`SellerKey`].
-fn row_digest(row: &hosted_keys::Model, addr: Option<SocketAddr>) -> u64 {
+/// Every column of the row that goes into its key or decides whether it has one: all but the models (the
+/// upstream is compared apart, by identity).
+fn row_digest(row: &PoolRow) -> u64 {
     let mut hasher = std::hash::DefaultHasher::new();
-    (row.id, row.owner_id, &row.uid, &row.provider, &row.base_url, &row.api_key_enc, &row.pool).hash(&mut hasher);
-    (row.remaining_balance, row.priority, row.max_concurrency, row.max_spend_per_day).hash(&mut hasher);
-    (row.spent_today, row.spend_day, addr).hash(&mut hasher);
+    (row.id, &row.uid, row.owner_id, &row.provider, &row.base_url, &row.api_key_enc, &row.status, &row.pool)
+        .hash(&mut hasher);
+    (row.remaining_balance, row.priority, row.max_concurrency, row.max_spend_per_day, row.spent_today, row.spend_day)
+        .hash(&mut hasher);
     hasher.finish()
 }
 
 fn routable_key(
-    row: &hosted_keys::Model,
+    row: &PoolRow,
+    upstream: Arc<Upstream>,
     keyring: &Keyring,
-    resolved: &HashMap<(String, u16), SocketAddr>,
-    row_digest: u64,
     attacher: &mut HealthAttacher<'_>,
 ) -> Result<SellerKey, String> {
-    let url = parse_base_url(&row.base_url)?;
-    let addr = *resolved.get(&(url.host.clone(), url.port)).ok_or("base_url host does not resolve")?;
     let secret = keyring
-        .decrypt(&row.api_key_enc, &format!("hosted_keys:{}", row.uid))
+        .decrypt(&row.api_key_enc, &crate::accounts::hosted_key_aad(&row.uid))
         .map_err(|e| format!("cannot decrypt the stored key: {e}"))?;
     let mut authorization = HeaderValue::try_from(format!("Bearer {}", secret.expose()))
         .map_err(|_| "the stored key is not a valid header value".to_string())?;
     authorization.set_sensitive(true);
-    let default_port = if url.tls { 443 } else { 80 };
-    let authority = if url.port == default_port {
-        bracket_ipv6(&url.host)
-    } else {
-        format!("{}:{}", bracket_ipv6(&url.host), url.port)
-    };
     Ok(SellerKey {
         id: row.id,
         owner_id: row.owner_id,
         provider: row.provider.clone(),
-        upstream: Upstream { addr, tls: url.tls, host: url.host, authority, base_path: url.base_path },
+        upstream,
         authorization,
         // Weight grows linearly with the remaining balance; a key with nothing left still gets a minimal share
         // until risk control marks it depleted.
@@ -319,7 +477,6 @@ fn routable_key(
         spent_today: row.spent_today,
         spend_day: row.spend_day,
         health: attacher.attach(row.id),
-        row_digest,
     })
 }
 
@@ -330,7 +487,6 @@ fn bracket_ipv6(host: &str) -> String {
         host.to_string()
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,51 +500,46 @@ mod tests {
         let u = parse_base_url("http://[::1]:9/api/v1").unwrap();
         assert_eq!(u.host, "::1");
         assert_eq!(u.base_path, "/api/v1");
+        assert_eq!(u.upstream("[::1]:9".parse().unwrap()).authority, "[::1]:9");
         assert!(parse_base_url("ftp://x/v1").is_err());
         assert!(parse_base_url("not a url").is_err());
     }
 
-    fn row(keyring: &Keyring, id: i64, pool: &str, priority: i64, status: &str, models: &str) -> hosted_keys::Model {
+    const BASE_URL: &str = "http://127.0.0.1:9/v1";
+
+    fn row(keyring: &Keyring, id: i64, pool: &str, priority: i64, status: &str, models: &str) -> PoolRow {
         let uid = format!("uid-{id}");
-        hosted_keys::Model {
+        PoolRow {
             id,
             uid: uid.clone(),
             owner_id: 1,
-            name: "k".into(),
             provider: "openai".into(),
-            base_url: "http://127.0.0.1:9/v1".into(),
+            base_url: BASE_URL.into(),
             models: models.into(),
-            api_key_enc: keyring.encrypt(&format!("sk-secret-{id}"), &format!("hosted_keys:{uid}")),
-            key_hint: "sk-...".into(),
+            api_key_enc: keyring.encrypt(&format!("sk-secret-{id}"), &crate::accounts::hosted_key_aad(&uid)),
             status: status.into(),
-            declared_balance: 1_000,
-            remaining_balance: 1_000,
-            failure_count: 0,
-            success_count: 0,
-            last_used_at_ms: None,
-            last_failure_at_ms: None,
-            created_at_ms: 0,
             pool: pool.into(),
-            updated_at_ms: 0,
+            remaining_balance: 1_000,
             priority,
             max_concurrency: 2,
             max_spend_per_day: 700,
             spent_today: 300,
             spend_day: 20_000,
-            balance_api: String::new(),
-            verified_at_ms: None,
-            next_check_at_ms: 0,
-            review: String::new(),
-            status_cause: String::new(),
-            checked_successes: 0,
-            checked_failures: 0,
         }
+    }
+
+    fn upstreams(addr: &str) -> Upstreams {
+        let upstream = parse_base_url(BASE_URL).unwrap().upstream(addr.parse().unwrap());
+        HashMap::from([(BASE_URL.to_string(), Ok(Arc::new(upstream)))])
+    }
+
+    fn all(rows: Vec<PoolRow>) -> KeyRows {
+        KeyRows { rows, complete: true }
     }
 
     #[test]
     fn platform_keys_form_the_fallback_pool_in_priority_order() {
         let keyring = Keyring::new([7u8; 32], vec![]);
-        let resolved = HashMap::from([(("127.0.0.1".to_string(), 9), "127.0.0.1:9".parse().unwrap())]);
         let health = HealthRegistry::with_policy(crate::health::HealthPolicy::default());
         let rows = vec![
             row(&keyring, 1, "seller", 0, "active", "m1"),
@@ -397,8 +548,9 @@ mod tests {
             row(&keyring, 4, "platform", 0, "paused", "m1"),
             row(&keyring, 5, "platform", 1, "active", "m1"),
         ];
+        let up = upstreams("127.0.0.1:9");
         let (snapshot, report) =
-            build_snapshot(rows.clone(), vec![], &keyring, &resolved, 1, &health, &PoolSnapshot::default());
+            build_snapshot(all(rows.clone()), vec![], &keyring, up.clone(), 1, &health, &PoolSnapshot::default());
         assert!(report.unroutable.is_empty(), "{:?}", report.unroutable);
         let sellers: Vec<i64> = snapshot.route("m1").unwrap().keys().iter().map(|k| k.id).collect();
         assert_eq!(sellers, [1], "platform keys are not seller routes");
@@ -412,12 +564,14 @@ mod tests {
         assert!(key.platform);
         assert_eq!((key.priority, key.max_concurrency, key.max_spend_per_day), (5, 2, 700));
         assert_eq!((key.spent_today, key.spend_day), (300, 20_000));
+        assert_eq!(key.authorization.to_str().unwrap(), "Bearer sk-secret-2");
+        assert_eq!((key.upstream.authority.as_str(), key.upstream.base_path.as_str()), ("127.0.0.1:9", "/v1"));
 
         // A reload keeps each key's health; a key that left the pool loses it.
         let before = snapshot.key_for("m1", 3).unwrap().health.clone();
         before.add_charge(1);
         let fewer: Vec<_> = rows.into_iter().filter(|r| r.id != 5).collect();
-        let (again, _) = build_snapshot(fewer, vec![], &keyring, &resolved, 2, &health, &PoolSnapshot::default());
+        let (again, _) = build_snapshot(all(fewer), vec![], &keyring, up, 2, &health, &PoolSnapshot::default());
         assert!(Arc::ptr_eq(&before, &again.key_for("m1", 3).unwrap().health));
         assert!(health.get(5).is_none() && health.get(4).is_none() && health.get(1).is_some());
     }
@@ -425,26 +579,54 @@ mod tests {
     #[test]
     fn a_reload_reuses_unchanged_keys_and_rebuilds_changed_ones() {
         let keyring = Keyring::new([7u8; 32], vec![]);
-        let resolved = HashMap::from([(("127.0.0.1".to_string(), 9), "127.0.0.1:9".parse().unwrap())]);
         let health = HealthRegistry::with_policy(crate::health::HealthPolicy::default());
         let rows: Vec<_> = (1..=3).map(|id| row(&keyring, id, "seller", 0, "active", "m1")).collect();
+        let up = upstreams("127.0.0.1:9");
         let (first, _) =
-            build_snapshot(rows.clone(), vec![], &keyring, &resolved, 1, &health, &PoolSnapshot::default());
-        let first = Arc::new(first);
+            build_snapshot(all(rows.clone()), vec![], &keyring, up.clone(), 1, &health, &PoolSnapshot::default());
         let mut changed = rows.clone();
         changed[1].remaining_balance += 1;
         changed[2].models = "m1,m2".into();
-        let (second, _) = build_snapshot(changed, vec![], &keyring, &resolved, 2, &health, &first);
-        let same = |id| Arc::ptr_eq(&first.seller_keys[&id], &second.seller_keys[&id]);
+        let (second, _) = build_snapshot(all(changed), vec![], &keyring, up, 2, &health, &first);
+        let key = |s: &PoolSnapshot, id| s.seller_key(id).unwrap().clone();
+        let same = |id| Arc::ptr_eq(&key(&first, id), &key(&second, id));
         assert!(same(1), "an unchanged row reuses its key");
         assert!(!same(2), "a new balance (weight) builds a new key");
-        assert_eq!(second.seller_keys[&2].weight, first.seller_keys[&2].weight + 1);
+        assert_eq!(key(&second, 2).weight, key(&first, 2).weight + 1);
         assert!(same(3), "models are routes, not part of the key");
         assert_eq!(second.key_for("m2", 3).map(|k| k.id), Some(3));
-        assert!(Arc::ptr_eq(&first.seller_keys[&2].health, &second.seller_keys[&2].health), "health carries over");
+        assert!(Arc::ptr_eq(&key(&first, 2).health, &key(&second, 2).health), "health carries over");
         // A key whose host resolves elsewhere now is rebuilt too.
-        let moved = HashMap::from([(("127.0.0.1".to_string(), 9), "127.0.0.2:9".parse().unwrap())]);
-        let (third, _) = build_snapshot(rows, vec![], &keyring, &moved, 3, &health, &second);
-        assert_eq!(third.seller_keys[&1].upstream.addr, "127.0.0.2:9".parse().unwrap());
+        let (third, _) = build_snapshot(all(rows), vec![], &keyring, upstreams("127.0.0.2:9"), 3, &health, &second);
+        assert_eq!(key(&third, 1).upstream.addr, "127.0.0.2:9".parse().unwrap());
+    }
+
+    #[test]
+    fn an_incremental_reload_lays_the_changed_rows_over_the_previous_snapshot() {
+        let keyring = Keyring::new([7u8; 32], vec![]);
+        let health = HealthRegistry::with_policy(crate::health::HealthPolicy::default());
+        let rows: Vec<_> = (1..=4).map(|id| row(&keyring, id, "seller", 0, "active", "m1")).collect();
+        let up = upstreams("127.0.0.1:9");
+        let (first, _) =
+            build_snapshot(all(rows.clone()), vec![], &keyring, up.clone(), 1, &health, &PoolSnapshot::default());
+        let kept = first.seller_key(1).unwrap().clone();
+        kept.health.add_charge(5);
+
+        let mut paused = rows[1].clone();
+        paused.status = "paused".into();
+        let mut repriced = rows[2].clone();
+        repriced.remaining_balance = 9_000;
+        let added = row(&keyring, 7, "seller", 0, "active", "m1,m3");
+        let changes = KeyRows { rows: vec![paused, repriced, added], complete: false };
+        let (second, report) = build_snapshot(changes, vec![], &keyring, up, 2, &health, &first);
+        assert!(!report.full && report.rows_read == 3);
+        let ids: Vec<i64> = second.route("m1").unwrap().keys().iter().map(|k| k.id).collect();
+        assert_eq!(ids, [1, 3, 4, 7], "the paused key left, the new one joined, in id order");
+        assert_eq!(second.seller_key(3).unwrap().weight, 9_000);
+        assert!(Arc::ptr_eq(&kept, second.seller_key(1).unwrap()), "untouched rows keep their key");
+        assert_eq!(second.seller_key(1).unwrap().health.charged(), 5, "and their health");
+        assert!(second.serves("m3") && second.known_models.contains("m3"));
+        assert_eq!((second.status_counts.active, second.status_counts.paused), (4, 1));
+        assert!(health.get(2).is_none() && health.get(7).is_some());
     }
 }

@@ -11,7 +11,7 @@
 mod load;
 mod refresh;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use subtle::ConstantTimeEq;
 
 use crate::health::{InFlight, KeyHealth, Tick};
 
-pub use load::{build_snapshot, load_snapshot, HostResolver, LoadReport};
+pub use load::{build_snapshot, load_snapshot, HostResolver, KeyRows, LoadReport, PoolEntry, Reload, Upstreams};
 pub use refresh::{Refresher, RefresherConfig};
 
 /// Asks the pool refresher to reload from the database now (after an admin change), and lets the caller
@@ -138,7 +138,8 @@ pub struct SellerKey {
     pub id: i64,
     pub owner_id: i64,
     pub provider: String,
-    pub upstream: Upstream,
+    /// Shared by every key on the same base URL.
+    pub upstream: Arc<Upstream>,
     /// `Bearer <seller key>`, marked sensitive so that it is never printed by `Debug`.
     pub authorization: HeaderValue,
     /// The balance weight: grows linearly with the remaining balance, at least 1.
@@ -161,9 +162,6 @@ pub struct SellerKey {
     pub spend_day: i64,
     /// This node's health of the key, shared by every snapshot that holds the key.
     pub health: Arc<KeyHealth>,
-    /// A digest of the database row and the resolved address the key was built from: a reload whose row
-    /// and address are unchanged reuses the key as it is (no decryption, no allocation).
-    pub row_digest: u64,
 }
 
 impl std::fmt::Debug for SellerKey {
@@ -398,8 +396,10 @@ pub struct PoolSnapshot {
     /// What each buyer (user id) can pay from.
     pub funds: HashMap<i64, crate::billing::BuyerFunds>,
     pub loaded_at_ms: i64,
-    /// Every routable key (seller and fallback) by id, for the next reload to reuse.
-    pub seller_keys: HashMap<i64, Arc<SellerKey>>,
+    /// Every key row, routable or not, by id: the next reload starts from these and reuses the unchanged.
+    pub(crate) entries: BTreeMap<i64, Arc<PoolEntry>>,
+    /// The upstream of each base URL of an active key.
+    pub(crate) upstreams: Upstreams,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -444,6 +444,11 @@ impl PoolSnapshot {
         self.route(model).and_then(|r| r.get(key_id)).or_else(|| self.fallback(model).and_then(|r| r.get(key_id)))
     }
 
+    /// The routable key (seller or fallback) with this id, whatever model it serves.
+    pub fn seller_key(&self, key_id: i64) -> Option<&Arc<SellerKey>> {
+        self.entries.get(&key_id).and_then(|e| e.key())
+    }
+
     pub fn price(&self, model: &str) -> Option<&crate::billing::Price> {
         self.prices.get(model)
     }
@@ -480,13 +485,13 @@ mod tests {
             id,
             owner_id: 1,
             provider: "openai".into(),
-            upstream: Upstream {
+            upstream: Arc::new(Upstream {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 tls: false,
                 host: "127.0.0.1".into(),
                 authority: "127.0.0.1:1".into(),
                 base_path: "/v1".into(),
-            },
+            }),
             authorization: HeaderValue::from_static("Bearer x"),
             weight,
             platform: false,
@@ -496,7 +501,6 @@ mod tests {
             spent_today: 0,
             spend_day: 0,
             health: Arc::new(KeyHealth::new(policy())),
-            row_digest: 0,
         };
         edit(&mut key);
         Arc::new(key)

@@ -10,7 +10,7 @@ use fred::types::Message;
 use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 
-use super::{load_snapshot, HostResolver, PoolSnapshot, RefreshHandle, SharedPool};
+use super::{load_snapshot, HostResolver, PoolSnapshot, RefreshHandle, Reload, SharedPool};
 use crate::crypto::Keyring;
 use crate::health::HealthRegistry;
 use crate::metrics::METRICS;
@@ -18,6 +18,11 @@ use crate::metrics::METRICS;
 const CHANGE_CHANNEL: &str = "tokex:pool-changed";
 /// How often a replaced snapshot is checked for remaining holders.
 const RETIRE_POLL: Duration = Duration::from_millis(5);
+/// An incremental reload reads the rows changed since the previous load started, minus this: a write
+/// stamps its row before its transaction commits (and another node's clock may lag a little), so a row
+/// committed just after the previous load read the table is still caught. Rows read twice are reused as
+/// they are; a full reload catches anything later still.
+const CHANGE_LOOKBACK_MS: i64 = 2_000;
 
 pub struct RefresherConfig {
     pub interval: Duration,
@@ -32,6 +37,11 @@ pub struct Refresher {
     resolver: HostResolver,
     /// This node's key health, carried from snapshot to snapshot.
     health: Arc<HealthRegistry>,
+    /// Reloads are incremental between full reloads this far apart.
+    full_interval: Duration,
+    last_full: Option<Instant>,
+    /// Where the next incremental reload starts (ms): set by each successful reload.
+    changes_since: Option<i64>,
 }
 
 impl Refresher {
@@ -42,8 +52,26 @@ impl Refresher {
         dns_ttl: Duration,
         policy: crate::ssrf::UpstreamPolicy,
         health: Arc<HealthRegistry>,
+        full_interval: Duration,
     ) -> Self {
-        Self { db, keyring, pool, resolver: HostResolver::new(dns_ttl, policy), health }
+        Self {
+            db,
+            keyring,
+            pool,
+            resolver: HostResolver::new(dns_ttl, policy),
+            health,
+            full_interval,
+            last_full: None,
+            changes_since: None,
+        }
+    }
+
+    /// Incremental when the previous reload succeeded and the last full one is recent enough.
+    fn next_reload(&self) -> Reload {
+        match (self.changes_since, self.last_full) {
+            (Some(since), Some(full)) if full.elapsed() < self.full_interval => Reload::ChangedSince(since),
+            _ => Reload::Full,
+        }
     }
 
     /// Loads and swaps in a new snapshot. On failure the previous snapshot stays in place: a database
@@ -54,9 +82,11 @@ impl Refresher {
     /// they are taken off once the new snapshot serves.
     pub async fn refresh(&mut self) -> Result<(), sea_orm::DbErr> {
         let started = Instant::now();
+        let started_ms = crate::now_ms();
         let spend_marks = self.health.spend_marks();
         let previous = self.pool.load_full();
-        let result = load_snapshot(&self.db, &self.keyring, &mut self.resolver, &self.health, previous).await;
+        let reload = self.next_reload();
+        let result = load_snapshot(&self.db, &self.keyring, &mut self.resolver, &self.health, previous, reload).await;
         let (snapshot, report) = match result {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -84,9 +114,23 @@ impl Refresher {
         retire(previous);
         self.health.settle_spend(spend_marks);
         self.health.update_gauge();
+        self.changes_since = Some(started_ms.saturating_sub(CHANGE_LOOKBACK_MS));
+        if report.full {
+            self.last_full = Some(started);
+        }
         let took = started.elapsed();
-        METRICS.pool_refresh_seconds.observe(took.as_secs_f64());
-        tracing::debug!(buyers, models, took_ms = took.as_millis() as u64, "pool refreshed");
+        let kind = if report.full { "full" } else { "incremental" };
+        METRICS.pool_refresh_seconds.with_label_values(&[kind]).observe(took.as_secs_f64());
+        tracing::debug!(
+            kind,
+            rows = report.rows_read,
+            read_ms = report.read.as_millis() as u64,
+            build_ms = report.build.as_millis() as u64,
+            buyers,
+            models,
+            took_ms = took.as_millis() as u64,
+            "pool refreshed"
+        );
         Ok(())
     }
 
@@ -217,6 +261,85 @@ impl PeerNotifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::hosted_keys::{self, KeyOutcome};
+    use crate::db::testing::TestDb;
+    use sea_orm::sea_query::Expr;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+
+    fn route(pool: &SharedPool) -> Vec<(i64, u64)> {
+        let snapshot = pool.load();
+        snapshot.route("m1").map(|r| r.keys().iter().map(|k| (k.id, k.weight)).collect()).unwrap_or_default()
+    }
+
+    /// Incremental reloads read the rows stamped since the previous load; a deleted row (or the full
+    /// interval) makes the reload full.
+    #[tokio::test]
+    async fn incremental_reloads_follow_changes_and_keep_health() {
+        for t in TestDb::all().await {
+            let db = &t.db;
+            let keyring = Arc::new(Keyring::new([7u8; 32], vec![]));
+            let health = Arc::new(HealthRegistry::with_policy(crate::health::HealthPolicy::default()));
+            let pool = super::super::empty_shared_pool();
+            let policy = crate::ssrf::UpstreamPolicy::parse("127.0.0.0/8").unwrap();
+            let hour = Duration::from_secs(3_600);
+            let mut refresher =
+                Refresher::new(db.clone(), keyring.clone(), pool.clone(), hour, policy, health.clone(), hour);
+            let deposit = |uid: &str, now_ms: i64| {
+                let mut key = hosted_keys::tests::new_key(1, uid);
+                key.base_url = "http://127.0.0.1:9/v1".into();
+                key.models = "m1".into();
+                key.api_key_enc = keyring.encrypt(&format!("sk-{uid}"), &crate::accounts::hosted_key_aad(uid));
+                key.now_ms = now_ms;
+                hosted_keys::insert(db, key)
+            };
+            // Deposited a minute ago: outside the reload's look-back.
+            let earlier = crate::now_ms() - 60_000;
+            let a = deposit("uid-a", earlier).await.unwrap().id;
+            let b = deposit("uid-b", earlier).await.unwrap().id;
+            let c = deposit("uid-c", earlier).await.unwrap().id;
+            refresher.refresh().await.unwrap();
+            assert_eq!(route(&pool), [(a, 1_000), (b, 1_000), (c, 1_000)], "{}", t.label);
+            let (key_a, health_c) = {
+                let snapshot = pool.load();
+                (snapshot.seller_key(a).unwrap().clone(), snapshot.seller_key(c).unwrap().health.clone())
+            };
+
+            let now = crate::now_ms();
+            assert!(hosted_keys::transition_status(db, 1, b, "active", "paused", now).await.unwrap());
+            let spent = KeyOutcome {
+                key_id: c,
+                successes: 1,
+                failures: 0,
+                last_used_at_ms: Some(now),
+                last_failure_at_ms: None,
+                spent: 400,
+            };
+            hosted_keys::apply_outcomes(db, &[spent]).await.unwrap();
+            let d = deposit("uid-d", now).await.unwrap().id;
+            // A write that does not stamp its row: an incremental reload cannot see it, a full one does.
+            hosted_keys::Entity::update_many()
+                .col_expr(hosted_keys::Column::RemainingBalance, Expr::value(5))
+                .filter(hosted_keys::Column::Id.eq(a))
+                .exec(db)
+                .await
+                .unwrap();
+            refresher.refresh().await.unwrap();
+            assert_eq!(route(&pool), [(a, 1_000), (c, 600), (d, 1_000)], "{}: paused out, re-priced, added", t.label);
+            let snapshot = pool.load_full();
+            assert!(Arc::ptr_eq(&key_a, snapshot.seller_key(a).unwrap()), "an unchanged row keeps its key");
+            assert!(Arc::ptr_eq(&health_c, &snapshot.seller_key(c).unwrap().health), "health carries over");
+            assert!(health.get(b).is_none() && health.get(d).is_some());
+            assert_eq!((snapshot.status_counts.active, snapshot.status_counts.paused), (3, 1));
+            drop(snapshot);
+
+            hosted_keys::Entity::delete_by_id(d).exec(db).await.unwrap();
+            refresher.refresh().await.unwrap();
+            assert_eq!(route(&pool), [(a, 5), (c, 600)], "{}: the deletion made the reload full", t.label);
+            assert!(Arc::ptr_eq(&health_c, &pool.load().seller_key(c).unwrap().health));
+            assert!(health.get(d).is_none());
+            t.cleanup().await;
+        }
+    }
 
     #[tokio::test]
     async fn a_replaced_snapshot_is_freed_once_its_last_request_lets_go() {

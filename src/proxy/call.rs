@@ -11,11 +11,11 @@ use pingora::proxy::subrequest::pipe::{pipe_subrequest, InputBody, InputBodyType
 use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
 use pingora::{ErrorSource, ErrorType};
 
-use super::attempt::{metered_tokens, Attempt, CallPlan, Failure};
+use super::attempt::{metered_tokens, Attempt, CallPlan, Failure, SubrequestState};
 use super::error::GatewayError;
 use super::route::{classify, Route};
 use super::Gateway;
-use crate::billing::FundsError;
+use crate::billing::{FundsError, Price, Reservation};
 use crate::health::{CircuitChange, InFlight, Outcome as HealthOutcome, Recorded, Tick};
 use crate::metrics::METRICS;
 use crate::openai::request::{inspect, Endpoint};
@@ -26,7 +26,7 @@ use crate::usage::{UsagePermit, UsageRecord};
 const ATTEMPT_SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Entry point for every client request.
-pub async fn serve(gateway: &Gateway, session: &mut Session) -> Result<bool> {
+pub(super) async fn serve(gateway: &Gateway, session: &mut Session) -> Dispatch {
     let started = Instant::now();
     let snapshot = gateway.pool.load_full();
     let route = classify(&session.req_header().method, session.req_header().uri.path());
@@ -38,13 +38,13 @@ pub async fn serve(gateway: &Gateway, session: &mut Session) -> Result<bool> {
         Route::NotFound => Err(GatewayError::NotFound),
         Route::MethodNotAllowed => Err(GatewayError::MethodNotAllowed),
     };
-    match outcome {
+    Dispatch::Done(match outcome {
         Ok(()) => {
             METRICS.requests.with_label_values(&["-", "200"]).inc();
             Ok(true)
         }
         Err(error) => reject(session, &error, "-", None).await,
-    }
+    })
 }
 
 fn authenticate<'s>(session: &Session, snapshot: &'s PoolSnapshot) -> Result<&'s BuyerKey, GatewayError> {
@@ -70,19 +70,69 @@ async fn list_models(session: &mut Session, snapshot: &PoolSnapshot) -> Result<(
     respond_json(session, 200, Bytes::from(body), None).await.map_err(|_| GatewayError::Internal)
 }
 
+/// How a call that passed its checks is carried out.
+pub(super) enum Dispatch {
+    /// Answered already (an error, or the subrequests' response); the request filter's result.
+    Done(Result<bool>),
+    /// The body fits Pingora's retry buffer: the request goes through Pingora's own proxy flow, each
+    /// attempt a pass of its retry loop (see [`DirectCall`]).
+    Direct(Box<DirectCall>),
+}
+
 /// `snapshot` is the pool as the request found it; it is let go before the first attempt, so that a
 /// long stream does not keep a replaced pool alive (failover picks from the pool current at that time).
-async fn call(
+pub(super) async fn call(
     gateway: &Gateway,
     session: &mut Session,
     snapshot: Arc<PoolSnapshot>,
     endpoint: Endpoint,
     path_model: Option<String>,
     started: Instant,
-) -> Result<bool> {
-    let buyer = match authenticate(session, &snapshot) {
+) -> Dispatch {
+    // Buffers the body as it is read (up to 64 KiB): Pingora replays that buffer on every pass of its
+    // retry loop, and the request body filter puts the prepared body in its place.
+    session.as_mut().enable_retry_buffering();
+    let paid = match prepare(gateway, session, &snapshot, endpoint, path_model, started).await {
+        Ok(paid) => paid,
+        Err(done) => return Dispatch::Done(done),
+    };
+    if session.as_ref().get_retry_buffer().is_some() {
+        drop(snapshot);
+        return Dispatch::Direct(Box::new(DirectCall {
+            paid,
+            claim: None,
+            same_key_retry: false,
+            same_key_retried: false,
+        }));
+    }
+    Dispatch::Done(run_subrequests(gateway, session, snapshot, paid).await)
+}
+
+/// A call between its reservation and its record: what every attempt of the request shares.
+pub(super) struct PaidCall {
+    pub(super) plan: Arc<CallPlan>,
+    record: UsageRecord,
+    chooser: KeyChooser,
+    reservation: Reservation,
+    permit: UsagePermit,
+    price: Price,
+    model_label: String,
+    last_failure: Option<Failure>,
+}
+
+/// Authenticates the buyer, reads and inspects the body and reserves the request's worst case. `Err` is
+/// the request filter's result for a request answered (or lost) on the way.
+async fn prepare(
+    gateway: &Gateway,
+    session: &mut Session,
+    snapshot: &PoolSnapshot,
+    endpoint: Endpoint,
+    path_model: Option<String>,
+    started: Instant,
+) -> std::result::Result<PaidCall, Result<bool>> {
+    let buyer = match authenticate(session, snapshot) {
         Ok(buyer) => buyer,
-        Err(e) => return reject(session, &e, "-", None).await,
+        Err(e) => return Err(reject(session, &e, "-", None).await),
     };
     let request_id = uuid::Uuid::now_v7().to_string();
     let mut record = UsageRecord {
@@ -113,14 +163,14 @@ async fn call(
         Ok(body) => body,
         Err(BodyError::TooLarge) => {
             let e = GatewayError::PayloadTooLarge { limit: gateway.settings.max_body_bytes };
-            return finish_rejected(gateway, session, record, &e, started).await;
+            return Err(finish_rejected(gateway, session, record, &e, started, None).await);
         }
         Err(BodyError::Client(e)) => {
             record.client_disconnected = true;
             record.status_code = 499;
             record.error_kind = Some("client_closed");
             finish_record(gateway, record, started, "-", None);
-            return Err(e);
+            return Err(Err(e));
         }
     };
     record.request_bytes = body.len() as u64;
@@ -129,13 +179,13 @@ async fn call(
         Ok(r) => r,
         Err(e) => {
             let e = GatewayError::BadRequest { message: e.to_string(), code: e.code() };
-            return finish_rejected(gateway, session, record, &e, started).await;
+            return Err(finish_rejected(gateway, session, record, &e, started, None).await);
         }
     };
     record.model = request.model.clone();
     if !buyer.allows(&request.model) {
         let e = GatewayError::ModelNotAllowed { model: request.model.clone() };
-        return finish_rejected(gateway, session, record, &e, started).await;
+        return Err(finish_rejected(gateway, session, record, &e, started, None).await);
     }
     if !snapshot.serves(&request.model) {
         let e = if snapshot.known_models.contains(&request.model) {
@@ -143,18 +193,19 @@ async fn call(
         } else {
             GatewayError::UnknownModel { model: request.model.clone() }
         };
-        return finish_rejected(gateway, session, record, &e, started).await;
+        return Err(finish_rejected(gateway, session, record, &e, started, None).await);
     }
     let Some(price) = snapshot.price(&request.model).copied() else {
         let e = GatewayError::NotPriced { model: request.model.clone() };
-        return finish_rejected(gateway, session, record, &e, started).await;
+        return Err(finish_rejected(gateway, session, record, &e, started, None).await);
     };
     let model_label = request.model.clone();
 
     // Payment: a queue slot for the record (so it cannot be dropped), then the worst case reserved.
     let Some(permit) = gateway.usage.reserve() else {
         tracing::error!("the usage queue is full; refusing paid requests until it drains");
-        return finish_rejected(gateway, session, record, &GatewayError::BillingUnavailable, started).await;
+        let e = GatewayError::BillingUnavailable;
+        return Err(finish_rejected(gateway, session, record, &e, started, None).await);
     };
     let worst = price.worst_case(&request, endpoint.has_completion());
     let candidates = snapshot
@@ -179,8 +230,7 @@ async fn call(
                     GatewayError::BillingUnavailable
                 }
             };
-            drop(permit);
-            return finish_rejected(gateway, session, record, &e, started).await;
+            return Err(finish_rejected(gateway, session, record, &e, started, Some(permit)).await);
         }
     };
 
@@ -194,145 +244,294 @@ async fn call(
         started,
         max_metered_response_bytes: gateway.settings.max_metered_response_bytes,
     });
+    let chooser = KeyChooser::new(reservation.pinned_key, gateway.settings.max_attempts, reservation.amount);
+    Ok(PaidCall { plan, record, chooser, reservation, permit, price, model_label, last_failure: None })
+}
 
-    let mut chooser = KeyChooser::new(reservation.pinned_key, gateway.settings.max_attempts, reservation.amount);
+/// Large bodies: one subrequest per attempt, the prepared body preset, until one answers.
+async fn run_subrequests(
+    gateway: &Gateway,
+    session: &mut Session,
+    snapshot: Arc<PoolSnapshot>,
+    mut paid: PaidCall,
+) -> Result<bool> {
     let mut first_pick = Some(snapshot);
-    let mut last_failure: Option<Failure> = None;
     let mut served: Option<(Arc<Attempt>, AttemptRun, InFlight)> = None;
     loop {
         let next = match first_pick.take() {
-            Some(snapshot) => chooser.next(&snapshot, &plan.model),
-            None => chooser.next(&gateway.pool.load(), &plan.model),
+            Some(snapshot) => paid.next_key(&snapshot),
+            None => paid.next_key(&gateway.pool.load()),
         };
         let Some((key, claim)) = next else { break };
-        let attempt = Attempt::new(key.clone(), plan.clone());
+        let attempt = Attempt::new(key.clone(), paid.plan.clone());
         let run = run_attempt(session, &attempt).await;
         if !attempt.wait_finished(ATTEMPT_SETTLE_LIMIT).await {
-            tracing::warn!(request_id = %plan.request_id, key_id = key.id, "attempt did not settle in time");
+            tracing::warn!(request_id = %paid.plan.request_id, key_id = key.id, "attempt did not settle in time");
         }
         // What reached the buyer decides, not what the subrequest intended: an upstream that sends its
         // header and fails at once can lose the race inside the pipe, and then nothing was written and
         // the attempt can still fail over.
-        let response_started = final_response_written(session);
+        if final_response_written(session) {
+            served = Some((attempt, run, claim));
+            break;
+        }
+        paid.attempt_failed(gateway, &attempt, claim, run.client_gone);
+        if run.client_gone {
+            break;
+        }
+    }
+    match served {
+        Some((attempt, run, claim)) => {
+            paid.finish_served(gateway, &attempt, claim, run.client_gone, run.error.is_some()).await;
+            // A cut response: the error closes the connection, so the client sees it was incomplete.
+            run.error.map_or(Ok(true), Err)
+        }
+        None => match paid.finish_unserved(gateway) {
+            Unserved::ClientGone => {
+                Err(Error::explain(ErrorType::ConnectionClosed, "client went away during failover"))
+            }
+            Unserved::Answer { error, model_label, request_id } => {
+                reject(session, &error, &model_label, Some(&request_id)).await
+            }
+        },
+    }
+}
+
+/// What to tell the buyer when no key answered.
+pub(super) enum Unserved {
+    ClientGone,
+    Answer { error: GatewayError, model_label: String, request_id: String },
+}
+
+impl PaidCall {
+    /// The next key to try, claimed (see [`KeyChooser::next`]).
+    fn next_key(&mut self, snapshot: &PoolSnapshot) -> Option<(Arc<SellerKey>, InFlight)> {
+        self.chooser.next(snapshot, &self.plan.model)
+    }
+
+    /// An attempt that failed before anything reached the buyer: its key's health, metrics and log, once
+    /// per request and key (Pingora may retry inside one attempt).
+    fn attempt_failed(&mut self, gateway: &Gateway, attempt: &Attempt, claim: InFlight, client_gone: bool) {
         let (failure, retry_after) = {
             let outcome = attempt.outcome();
             (outcome.failure.clone().unwrap_or(Failure::Other), outcome.retry_after)
         };
-        if response_started {
-            served = Some((attempt, run, claim));
-            break;
-        }
-        // Once per request and key, here and not in the subrequest's hooks (Pingora may retry inside one).
-        let health = failed_attempt_outcome(&failure, retry_after, run.client_gone);
-        note_health(gateway, &key, claim.finish(health, crate::health::mono_ms()), &model_label);
+        let key = &attempt.key;
+        let health = failed_attempt_outcome(&failure, retry_after, client_gone);
+        note_health(gateway, key, claim.finish(health, crate::health::mono_ms()), &self.model_label);
         // A rate-limited key is not a failing one: its stored failure count (which risk control's
         // failure-rate check reads) leaves 429s out, as its circuit does.
         if !matches!(health, HealthOutcome::RateLimited { .. }) {
-            record.key_attempts.push((key.id, false));
+            self.record.key_attempts.push((key.id, false));
         }
-        METRICS.failovers.with_label_values(&[&model_label, failure.label()]).inc();
-        tracing::warn!(request_id = %plan.request_id, key_id = key.id, failure = %failure, "attempt failed before the first byte");
-        last_failure = Some(failure);
-        if run.client_gone {
-            record.client_disconnected = true;
-            break;
+        METRICS.failovers.with_label_values(&[&self.model_label, failure.label()]).inc();
+        tracing::warn!(request_id = %self.plan.request_id, key_id = key.id, failure = %failure, "attempt failed before the first byte");
+        self.last_failure = Some(failure);
+        if client_gone {
+            self.record.client_disconnected = true;
         }
     }
-    record.attempts = chooser.attempts();
 
-    let Some((attempt, run, claim)) = served else {
-        // Nothing was delivered: the reservation goes back unspent.
+    /// No key answered: the reservation goes back unspent and the record is queued.
+    fn finish_unserved(self, gateway: &Gateway) -> Unserved {
+        let PaidCall { plan, mut record, chooser, reservation, permit, model_label, last_failure, .. } = self;
+        record.attempts = chooser.attempts();
         drop(reservation);
         if record.client_disconnected {
             record.status_code = 499;
             record.error_kind = Some("client_closed");
-            finish_record(gateway, record, started, &model_label, Some(permit));
-            return Err(Error::explain(ErrorType::ConnectionClosed, "client went away during failover"));
+            finish_record(gateway, record, plan.started, &model_label, Some(permit));
+            return Unserved::ClientGone;
         }
-        let e = match last_failure {
-            None => GatewayError::NoCapacity { model: model_label.clone() },
+        let error = match last_failure {
+            None => GatewayError::NoCapacity { model: model_label },
             Some(last) => GatewayError::UpstreamFailed { attempts: record.attempts, last: last.to_string() },
         };
-        return finish_rejected(gateway, session, record, &e, started).await;
-    };
-
-    let (metered, reported, delivered_text, overflowed, health) = {
-        let mut outcome = attempt.outcome();
-        let metered = outcome.metered;
-        let overflowed = outcome.overflowed;
-        let reported = outcome.reported_usage;
-        let delivered_text = std::mem::take(&mut outcome.delivered_text);
-        record.hosted_key_id = Some(attempt.key.id);
-        record.status_code = outcome.status;
-        record.ttft_ms = outcome.ttft.map(|d| d.as_millis() as u64);
-        record.response_bytes = outcome.response_bytes;
-        record.client_disconnected |= run.client_gone;
-        // `completed` is only set when the upstream body ended normally; a subrequest that died without
-        // saying so (a panic) must not pass for a complete response.
-        let interrupted = outcome.interrupted || !outcome.completed || run.error.is_some();
-        if record.client_disconnected {
-            record.error_kind = Some("client_closed");
-        } else if interrupted {
-            record.error_kind = Some("upstream_interrupted");
-        }
-        // A key that delivered a response worked, even if the buyer left early.
-        record.key_attempts.push((attempt.key.id, !interrupted || record.client_disconnected));
-        if let Some(ttft) = outcome.ttft {
-            METRICS.ttft.with_label_values(&[&model_label]).observe(ttft.as_secs_f64());
-        }
-        let stream_ttft = outcome.ttft.filter(|_| plan.stream).map(|t| attempt.key_ttft(t));
-        let health = served_attempt_outcome(outcome.status, interrupted, record.client_disconnected, stream_ttft);
-        (metered, reported, delivered_text, overflowed, health)
-    };
-    record.fallback = attempt.key.platform;
-    if attempt.key.platform {
-        METRICS.fallback_requests.with_label_values(&[&model_label]).inc();
+        let (model_label, request_id) = record_rejected(gateway, record, &error, plan.started, Some(permit));
+        Unserved::Answer { error, model_label, request_id }
     }
-    // Local counting of a large prompt or reply takes long enough to stall other requests on this thread.
-    let (prompt, completion, estimated) = if metered && reported.is_none() {
-        let plan = plan.clone();
-        tokio::task::spawn_blocking(move || metered_tokens(&plan, metered, reported, &delivered_text))
-            .await
-            .unwrap_or((0, 0, true))
-    } else {
-        metered_tokens(&plan, metered, reported, &delivered_text)
-    };
-    record.prompt_tokens = prompt;
-    record.completion_tokens = completion;
-    record.estimated = estimated;
-    // A response the upstream broke off before any completion token delivered nothing: it costs nothing.
-    // (A buyer who hangs up pays for what was delivered up to then, prompt included.)
-    let delivered_nothing = record.error_kind == Some("upstream_interrupted") && completion == 0;
-    let cost = if !metered || delivered_nothing {
-        0
-    } else if overflowed {
-        // A response too large to parse for usage: billed at the worst case the buyer agreed to.
-        record.estimated = true;
-        reservation.amount
-    } else {
-        price.cost(prompt, completion)
-    };
-    // The buyer never pays more than was reserved: usage beyond the bound (a provider ignoring the limit,
-    // or an upstream reporting more than it could have produced) is recorded as unpaid, not charged.
-    let charged = cost.min(reservation.amount);
-    if charged < cost {
-        tracing::warn!(request_id = %record.request_id, key_id = attempt.key.id, cost, reserved = reservation.amount, "usage exceeds the request's bound; the excess is not charged");
-    }
-    let seller = if attempt.key.platform { None } else { Some(attempt.key.owner_id) };
-    record.charge = Some(reservation.finish(charged, seller).with_excess(cost - charged));
-    // Counted towards the key's daily cap before its in-flight worst case is released, so that the cap
-    // sees one or the other at every moment.
-    attempt.key.health.add_charge(charged);
-    note_health(gateway, &attempt.key, claim.finish(health, crate::health::mono_ms()), &model_label);
-    METRICS.tokens.with_label_values(&[&model_label, "prompt"]).inc_by(prompt);
-    METRICS.tokens.with_label_values(&[&model_label, "completion"]).inc_by(completion);
-    METRICS.upstream_latency.with_label_values(&[&model_label]).observe(started.elapsed().as_secs_f64());
-    finish_record(gateway, record, started, &model_label, Some(permit));
 
-    match run.error {
-        // The response was cut: close the connection so the client sees it was incomplete.
-        Some(e) => Err(e),
-        None => Ok(true),
+    /// The attempt whose response reached the buyer: meters, charges and queues the record. `broken`: the
+    /// response did not end normally.
+    async fn finish_served(
+        self,
+        gateway: &Gateway,
+        attempt: &Attempt,
+        claim: InFlight,
+        client_gone: bool,
+        broken: bool,
+    ) {
+        let PaidCall { plan, mut record, chooser, reservation, permit, price, model_label, .. } = self;
+        record.attempts = chooser.attempts();
+        let (metered, reported, delivered_text, overflowed, health) = {
+            let mut outcome = attempt.outcome();
+            let metered = outcome.metered;
+            let overflowed = outcome.overflowed;
+            let reported = outcome.reported_usage;
+            let delivered_text = std::mem::take(&mut outcome.delivered_text);
+            record.hosted_key_id = Some(attempt.key.id);
+            record.status_code = outcome.status;
+            record.ttft_ms = outcome.ttft.map(|d| d.as_millis() as u64);
+            record.response_bytes = outcome.response_bytes;
+            record.client_disconnected |= client_gone;
+            // `completed` is only set when the upstream body ended normally; an attempt that died without
+            // saying so (a panic) must not pass for a complete response.
+            let interrupted = outcome.interrupted || !outcome.completed || broken;
+            if record.client_disconnected {
+                record.error_kind = Some("client_closed");
+            } else if interrupted {
+                record.error_kind = Some("upstream_interrupted");
+            }
+            // A key that delivered a response worked, even if the buyer left early.
+            record.key_attempts.push((attempt.key.id, !interrupted || record.client_disconnected));
+            if let Some(ttft) = outcome.ttft {
+                METRICS.ttft.with_label_values(&[&model_label]).observe(ttft.as_secs_f64());
+            }
+            let stream_ttft = outcome.ttft.filter(|_| plan.stream).map(|t| attempt.key_ttft(t));
+            let health = served_attempt_outcome(outcome.status, interrupted, record.client_disconnected, stream_ttft);
+            (metered, reported, delivered_text, overflowed, health)
+        };
+        record.fallback = attempt.key.platform;
+        if attempt.key.platform {
+            METRICS.fallback_requests.with_label_values(&[&model_label]).inc();
+        }
+        // Local counting of a large prompt or reply takes long enough to stall other requests on this thread.
+        let (prompt, completion, estimated) = if metered && reported.is_none() {
+            let plan = plan.clone();
+            tokio::task::spawn_blocking(move || metered_tokens(&plan, metered, reported, &delivered_text))
+                .await
+                .unwrap_or((0, 0, true))
+        } else {
+            metered_tokens(&plan, metered, reported, &delivered_text)
+        };
+        record.prompt_tokens = prompt;
+        record.completion_tokens = completion;
+        record.estimated = estimated;
+        // A response the upstream broke off before any completion token delivered nothing: it costs nothing.
+        // (A buyer who hangs up pays for what was delivered up to then, prompt included.)
+        let delivered_nothing = record.error_kind == Some("upstream_interrupted") && completion == 0;
+        let cost = if !metered || delivered_nothing {
+            0
+        } else if overflowed {
+            // A response too large to parse for usage: billed at the worst case the buyer agreed to.
+            record.estimated = true;
+            reservation.amount
+        } else {
+            price.cost(prompt, completion)
+        };
+        // The buyer never pays more than was reserved: usage beyond the bound (a provider ignoring the
+        // limit, or an upstream reporting more than it could have produced) is recorded as unpaid, not
+        // charged.
+        let charged = cost.min(reservation.amount);
+        if charged < cost {
+            tracing::warn!(request_id = %record.request_id, key_id = attempt.key.id, cost, reserved = reservation.amount, "usage exceeds the request's bound; the excess is not charged");
+        }
+        let seller = if attempt.key.platform { None } else { Some(attempt.key.owner_id) };
+        record.charge = Some(reservation.finish(charged, seller).with_excess(cost - charged));
+        // Counted towards the key's daily cap before its in-flight worst case is released, so that the cap
+        // sees one or the other at every moment.
+        attempt.key.health.add_charge(charged);
+        note_health(gateway, &attempt.key, claim.finish(health, crate::health::mono_ms()), &model_label);
+        METRICS.tokens.with_label_values(&[&model_label, "prompt"]).inc_by(prompt);
+        METRICS.tokens.with_label_values(&[&model_label, "completion"]).inc_by(completion);
+        METRICS.upstream_latency.with_label_values(&[&model_label]).observe(plan.started.elapsed().as_secs_f64());
+        finish_record(gateway, record, plan.started, &model_label, Some(permit));
+    }
+}
+
+/// A call proxied by Pingora's own flow (no subrequest, no second session, no pipe): `upstream_peer`
+/// claims the next key on every pass of Pingora's retry loop, the error hooks decide whether a failed pass
+/// fails over, the request body filter sends the prepared body, and `logging` settles.
+pub struct DirectCall {
+    pub(super) paid: PaidCall,
+    /// The current attempt's claim on its key.
+    claim: Option<InFlight>,
+    /// The next pass retries the current key on a new connection (a pooled one the provider had closed).
+    pub(super) same_key_retry: bool,
+    pub(super) same_key_retried: bool,
+}
+
+impl DirectCall {
+    /// The attempt of the next pass. `current` is the attempt of the pass that failed, if any. None: no
+    /// key is left to try.
+    pub(super) fn next_attempt(&mut self, gateway: &Gateway, current: Option<SubrequestState>) -> Option<Arc<Attempt>> {
+        if let Some(current) = current {
+            if std::mem::take(&mut self.same_key_retry) {
+                return Some(Attempt::new(current.attempt.key.clone(), self.paid.plan.clone()));
+            }
+            self.conclude_failed(gateway, &current, false);
+        }
+        let (key, claim) = self.paid.next_key(&gateway.pool.load())?;
+        self.claim = Some(claim);
+        self.same_key_retried = false;
+        Some(Attempt::new(key, self.paid.plan.clone()))
+    }
+
+    fn conclude_failed(&mut self, gateway: &Gateway, current: &SubrequestState, client_gone: bool) {
+        if let Some(claim) = self.claim.take() {
+            self.paid.attempt_failed(gateway, &current.attempt, claim, client_gone);
+        }
+    }
+
+    /// Pingora gave up before anything reached the buyer: answers the error (unless the buyer is gone)
+    /// and queues the record. Returns the status written, 0 for none.
+    pub(super) async fn fail(
+        mut self,
+        gateway: &Gateway,
+        session: &mut Session,
+        current: Option<SubrequestState>,
+        client_gone: bool,
+    ) -> u16 {
+        if let Some(current) = current {
+            self.conclude_failed(gateway, &current, client_gone);
+        }
+        if client_gone {
+            self.paid.record.client_disconnected = true;
+        }
+        match self.paid.finish_unserved(gateway) {
+            Unserved::ClientGone => 0,
+            Unserved::Answer { error, model_label, request_id } => {
+                session.set_keepalive(None);
+                match respond_error(session, &error, Some(&request_id)).await {
+                    Ok(()) => error.status(),
+                    Err(e) => {
+                        tracing::debug!(error = %e, model = %model_label, "could not answer a failed call");
+                        0
+                    }
+                }
+            }
+        }
+    }
+
+    /// The request is over (Pingora's last hook). `error`: the final error, if any.
+    pub(super) async fn finish(
+        mut self,
+        gateway: &Gateway,
+        session: &Session,
+        current: Option<SubrequestState>,
+        error: Option<&Error>,
+    ) {
+        let client_gone = error.is_some_and(|e| matches!(e.esource(), ErrorSource::Downstream));
+        match current {
+            Some(mut current) if final_response_written(session) => {
+                current.finalize(error.is_some());
+                let Some(claim) = self.claim.take() else {
+                    tracing::error!(request_id = %self.paid.plan.request_id, "served attempt without a claim");
+                    return;
+                };
+                let attempt = current.attempt.clone();
+                drop(current);
+                self.paid.finish_served(gateway, &attempt, claim, client_gone, error.is_some()).await;
+            }
+            current => {
+                // Not answered by `fail` (it takes the call): nothing reached the buyer and nothing can.
+                if let Some(current) = current {
+                    self.conclude_failed(gateway, &current, client_gone);
+                }
+                self.paid.record.client_disconnected |= client_gone;
+                let _ = self.paid.finish_unserved(gateway);
+            }
+        }
     }
 }
 
@@ -538,10 +737,23 @@ async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<B
 async fn finish_rejected(
     gateway: &Gateway,
     session: &mut Session,
+    record: UsageRecord,
+    error: &GatewayError,
+    started: Instant,
+    permit: Option<UsagePermit>,
+) -> Result<bool> {
+    let (model_label, request_id) = record_rejected(gateway, record, error, started, permit);
+    reject(session, error, &model_label, Some(&request_id)).await
+}
+
+/// Queues the record of a request answered with `error`; returns its metric label and request id.
+fn record_rejected(
+    gateway: &Gateway,
     mut record: UsageRecord,
     error: &GatewayError,
     started: Instant,
-) -> Result<bool> {
+    permit: Option<UsagePermit>,
+) -> (String, String) {
     record.status_code = error.status();
     record.error_kind = Some(error.code());
     // Only models the pool serves become metric labels: buyer-chosen names would grow series without bound.
@@ -550,8 +762,8 @@ async fn finish_rejected(
         _ => "-".to_string(),
     };
     let request_id = record.request_id.clone();
-    finish_record(gateway, record, started, &model_label, None);
-    reject(session, error, &model_label, Some(&request_id)).await
+    finish_record(gateway, record, started, &model_label, permit);
+    (model_label, request_id)
 }
 
 /// Queues the record: with the request's reserved slot when it has one, else if there is room.
@@ -621,13 +833,13 @@ mod tests {
             id,
             owner_id: 1,
             provider: "openai".into(),
-            upstream: Upstream {
+            upstream: Arc::new(Upstream {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 tls: false,
                 host: "127.0.0.1".into(),
                 authority: "127.0.0.1:1".into(),
                 base_path: "/v1".into(),
-            },
+            }),
             authorization: HeaderValue::from_static("Bearer x"),
             weight,
             platform,
@@ -637,7 +849,6 @@ mod tests {
             spent_today: 0,
             spend_day: 0,
             health: Arc::new(KeyHealth::new(Arc::new(HealthPolicy::default()))),
-            row_digest: 0,
         })
     }
 

@@ -1,11 +1,18 @@
 //! The gateway: a Pingora `ProxyHttp` service. The hooks are thin; the decisions live in plain functions.
 //!
 //! Request flow. The client's request (the *main* request) is authenticated, its body read (bounded) and
-//! inspected, and a key picked in `request_filter`, which then answers it itself (`Ok(true)`) by piping one
-//! *subrequest* per attempt with the prepared body preset. Each subrequest runs the upstream hooks
-//! (`upstream_peer`, header rewriting, response metering) for one seller key. This works around Pingora
-//! 0.9's 64 KiB retry buffer (see STYLE.md), and lets a failed attempt be replayed on another key with
-//! the saved bytes as long as nothing has reached the buyer.
+//! inspected, and its worst case reserved in `request_filter`. Then one of two ways:
+//! - *Direct* (bodies up to 64 KiB, nearly all): Pingora's own proxy flow. Every pass of its retry loop is
+//!   one attempt: `upstream_peer` claims the next key, the request body filter sends the prepared body in
+//!   place of the client's (which Pingora replays from its retry buffer on each pass), `response_filter`
+//!   turns a 429/5xx into a retryable error before anything is written, and `logging` meters and settles.
+//! - *Subrequests* (larger bodies, beyond Pingora 0.9's 64 KiB retry buffer, see STYLE.md): the request
+//!   filter answers the request itself (`Ok(true)`) by piping one subrequest per attempt with the prepared
+//!   body preset.
+//!
+//! Either way each attempt runs the same upstream hooks (`upstream_peer`, header rewriting, response
+//! metering) for one seller key, and a failed attempt is replayed on another key with the saved bytes as
+//! long as nothing has reached the buyer.
 
 mod attempt;
 mod call;
@@ -110,10 +117,14 @@ impl Gateway {
     }
 }
 
-/// Per-request state: empty for the main request, the attempt's state for a subrequest.
+/// Per-request state. A subrequest holds its attempt's state in `sub`; a direct call (see
+/// [`call::DirectCall`]) holds the call in `direct` and its current attempt in `sub`.
 #[derive(Default)]
 pub struct RequestCtx {
     sub: Option<SubrequestState>,
+    direct: Option<Box<call::DirectCall>>,
+    /// A direct call's failure was answered (and logged per attempt) by `fail_to_proxy`.
+    answered: bool,
 }
 
 fn sub_state(ctx: &mut RequestCtx) -> Result<&mut SubrequestState> {
@@ -138,7 +149,13 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .map(|sub| sub.user_ctx().and_then(|u| u.downcast_ref::<Arc<Attempt>>()).cloned());
         match attempt {
-            None => call::serve(self, session).await,
+            None => match call::serve(self, session).await {
+                call::Dispatch::Done(result) => result,
+                call::Dispatch::Direct(direct) => {
+                    ctx.direct = Some(direct);
+                    Ok(false)
+                }
+            },
             Some(None) => Err(Error::explain(ErrorType::InternalError, "subrequest without an attempt")),
             Some(Some(attempt)) => {
                 // The subrequest copied the client's raw headers; the body it sends is the prepared one.
@@ -153,6 +170,13 @@ impl ProxyHttp for Gateway {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        if let Some(direct) = ctx.direct.as_mut() {
+            // A pass of Pingora's retry loop: the next key (the failed pass's attempt is concluded first).
+            let Some(attempt) = direct.next_attempt(self, ctx.sub.take()) else {
+                return Err(Error::explain(ErrorType::Custom("NoKeyLeft"), "no key left to try"));
+            };
+            ctx.sub = Some(SubrequestState::new(attempt));
+        }
         let state = sub_state(ctx)?;
         let upstream = &state.attempt.key.upstream;
         let mut peer = HttpPeer::new(upstream.addr, upstream.tls, upstream.host.clone());
@@ -186,6 +210,22 @@ impl ProxyHttp for Gateway {
         // The body is metered as it passes: it must arrive uncompressed.
         upstream_request.insert_header("accept-encoding", "identity")?;
         upstream_request.insert_header("content-length", plan.body.len().to_string())?;
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(direct) = ctx.direct.as_ref() {
+            // The client's body was read and inspected in the request filter; Pingora replays its retry
+            // buffer on each pass, and the prepared body goes in its place. (An empty chunk is skipped;
+            // `None` would end the upstream body.)
+            *body = Some(if end_of_stream { direct.paid.plan.body.clone() } else { bytes::Bytes::new() });
+        }
         Ok(())
     }
 
@@ -270,8 +310,9 @@ impl ProxyHttp for Gateway {
             };
             state.attempt.outcome().failure.get_or_insert(failure);
         }
-        // Failover to another key is decided by the main request, not by retrying this one.
-        e.set_retry(false);
+        // A subrequest's failover is decided by its main request; a direct call's by the next pass of
+        // Pingora's retry loop, which takes the next key.
+        e.set_retry(ctx.direct.is_some());
         e
     }
 
@@ -280,10 +321,28 @@ impl ProxyHttp for Gateway {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if let (Some(direct), Some(state)) = (ctx.direct.as_mut(), ctx.sub.as_mut()) {
+            if call::final_response_written(session) || matches!(e.esource(), ErrorSource::Downstream) {
+                // Something reached the buyer, or the buyer is gone: no other key can take over.
+                e.set_retry(false);
+                return e;
+            }
+            let mut outcome = state.attempt.outcome();
+            e.retry.decide_reuse(client_reused);
+            if e.retry() && outcome.failure.is_none() && !direct.same_key_retried {
+                // A pooled connection the provider had already closed: once more on a fresh one, same key.
+                direct.same_key_retry = true;
+                direct.same_key_retried = true;
+            } else {
+                outcome.failure.get_or_insert_with(|| failure_of(&e));
+            }
+            e.set_retry(true);
+            return e;
+        }
         // A pooled connection the provider had already closed is safe to retry once on a fresh one, as long
         // as the body can be replayed; the default refuses all POST retries.
         if session.as_ref().retry_buffer_truncated() {
@@ -295,17 +354,29 @@ impl ProxyHttp for Gateway {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
-        if let Some(state) = ctx.sub.as_mut() {
-            // Nothing is written from a subrequest: the main request decides between failover and an error.
-            let mut outcome = state.attempt.outcome();
-            if !outcome.response_started && outcome.failure.is_none() {
-                outcome.failure = Some(match e.etype() {
-                    ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
-                    ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => Failure::Connect,
-                    _ => Failure::Other,
-                });
+        if ctx.direct.is_some() && !call::final_response_written(session) {
+            let client_gone = matches!(e.esource(), ErrorSource::Downstream);
+            let current = ctx.sub.take();
+            if let (Some(state), false) = (current.as_ref(), client_gone) {
+                state.attempt.outcome().failure.get_or_insert_with(|| failure_of(e));
             }
-            return FailToProxy { error_code: 502, can_reuse_downstream: false };
+            let error_code = match ctx.direct.take() {
+                Some(direct) => direct.fail(self, session, current, client_gone).await,
+                None => 0,
+            };
+            ctx.answered = true;
+            return FailToProxy { error_code, can_reuse_downstream: false };
+        }
+        if ctx.direct.is_none() {
+            if let Some(state) = ctx.sub.as_mut() {
+                // Nothing is written from a subrequest: the main request decides between failover and an
+                // error.
+                let mut outcome = state.attempt.outcome();
+                if !outcome.response_started && outcome.failure.is_none() {
+                    outcome.failure = Some(failure_of(e));
+                }
+                return FailToProxy { error_code: 502, can_reuse_downstream: false };
+            }
         }
         if call::final_response_written(session) || matches!(e.esource(), ErrorSource::Downstream) {
             return FailToProxy { error_code: 0, can_reuse_downstream: false };
@@ -315,14 +386,36 @@ impl ProxyHttp for Gateway {
         FailToProxy { error_code: error.status(), can_reuse_downstream: false }
     }
 
-    fn suppress_error_log(&self, session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+    fn suppress_error_log(&self, session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
         // Attempt failures are logged by the main request with the key id; client disconnects are routine.
-        session.subrequest_ctx.is_some() || matches!(e.esource(), ErrorSource::Downstream)
+        session.subrequest_ctx.is_some() || ctx.answered || matches!(e.esource(), ErrorSource::Downstream)
     }
 
-    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let Some(state) = ctx.sub.as_mut() {
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        _error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // A direct call's failed passes are logged as failovers, with the key id.
+        ctx.direct.is_some()
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(direct) = ctx.direct.take() {
+            direct.finish(self, session, ctx.sub.take(), e).await;
+        } else if let Some(state) = ctx.sub.as_mut() {
             state.finalize(e.is_some());
         }
+    }
+}
+
+/// An attempt's failure from Pingora's error, when no hook named it first.
+fn failure_of(e: &Error) -> Failure {
+    match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+        ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => Failure::Connect,
+        _ => Failure::Other,
     }
 }

@@ -52,6 +52,10 @@ pub struct Model {
     /// The key's success/failure counts at its last risk check (the failure-rate window starts there).
     pub checked_successes: i64,
     pub checked_failures: i64,
+    /// When a column the pool snapshot is built from last changed (status, ciphertext, balance, spend, caps,
+    /// priority, ...): incremental pool reloads read the rows changed since the previous load, so every
+    /// write of such a column moves it.
+    pub pool_changed_at_ms: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
