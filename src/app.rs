@@ -167,12 +167,13 @@ pub fn serve(config: Config) -> Result<(), AppError> {
         // The gateway never serves from an empty pool: the first load happens before any listener opens.
         refresher.refresh().await?;
 
-        let (usage_sink, usage_writer) = crate::usage::channel(
+        let (usage_sink, usage_writers) = crate::usage::channel(
             db.clone(),
             config.usage.queue_capacity,
             config.usage.batch_size,
             Duration::from_millis(config.usage.flush_interval_ms),
             config.ledger.platform_fee_bps,
+            config.usage.writers,
         );
         let funds = crate::billing::Funds::new(
             db.clone(),
@@ -208,8 +209,9 @@ pub fn serve(config: Config) -> Result<(), AppError> {
             risk: config.risk.clone(),
         };
 
-        let background = vec![
-            tokio::spawn(usage_writer.run(shutdown_rx.clone())),
+        let mut background: Vec<_> =
+            usage_writers.into_iter().map(|writer| tokio::spawn(writer.run(shutdown_rx.clone()))).collect();
+        background.extend([
             tokio::spawn(refresher.run(
                 refresh.clone(),
                 RefresherConfig {
@@ -248,7 +250,7 @@ pub fn serve(config: Config) -> Result<(), AppError> {
                 config.ledger.clone(),
                 shutdown_rx.clone(),
             )),
-        ];
+        ]);
         let gateway = Gateway::new(
             shared_pool,
             usage_sink.clone(),

@@ -118,6 +118,8 @@ pub struct UsageConfig {
     pub flush_interval_ms: u64,
     /// Records queued beyond this are counted as dropped rather than stalling the gateway.
     pub queue_capacity: usize,
+    /// Writers settling in parallel, each for its share of the buyers (on its own database connection).
+    pub writers: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -298,7 +300,7 @@ impl Default for PoolConfig {
 
 impl Default for UsageConfig {
     fn default() -> Self {
-        Self { batch_size: 2_000, flush_interval_ms: 200, queue_capacity: 100_000 }
+        Self { batch_size: 2_000, flush_interval_ms: 200, queue_capacity: 100_000, writers: 2 }
     }
 }
 
@@ -392,6 +394,7 @@ impl Config {
             ("pool.dns_refresh_interval_ms", self.pool.dns_refresh_interval_ms),
             ("usage.batch_size", self.usage.batch_size as u64),
             ("usage.flush_interval_ms", self.usage.flush_interval_ms),
+            ("usage.writers", self.usage.writers as u64),
             ("usage.queue_capacity", self.usage.queue_capacity as u64),
             ("ledger.hold_block_factor", u64::from(self.ledger.hold_block_factor)),
             ("ledger.hold_idle_ms", self.ledger.hold_idle_ms),

@@ -8,6 +8,8 @@
 //! enough to fill the queue, new paid requests are refused instead of served unbilled.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sea_orm::{ActiveValue::Set, DatabaseConnection};
@@ -52,18 +54,28 @@ pub struct UsageRecord {
     pub fallback: bool,
 }
 
-/// What the writer is asked to do, in queue order.
+/// What a writer is asked to do, in queue order.
 #[derive(Debug)]
 pub enum UsageItem {
     Record(Box<UsageRecord>),
-    /// Close these holds: queued after every settlement that draws from them.
-    CloseHolds(Vec<i64>),
+    /// Close these holds: queued to every writer, after every settlement that draws from them.
+    CloseHolds(Arc<HoldClosing>),
 }
 
-/// The producer side, cloned into every gateway thread.
+/// Holds to close once every writer has written what was queued before the closing: the last writer to
+/// reach it closes them (a hold's settlements may sit in any writer's queue only through its buyer, but the
+/// sender does not know the buyers of the holds it closes).
+#[derive(Debug)]
+pub struct HoldClosing {
+    hold_ids: Vec<i64>,
+    /// Writers that have not reached it yet.
+    pending: AtomicUsize,
+}
+
+/// The producer side, cloned into every gateway thread: one queue per writer, records by buyer.
 #[derive(Clone)]
 pub struct UsageSink {
-    tx: mpsc::Sender<UsageItem>,
+    queues: Arc<[mpsc::Sender<UsageItem>]>,
 }
 
 /// A reserved queue slot: the record sent with it is never dropped.
@@ -75,18 +87,32 @@ impl UsagePermit {
         METRICS.usage_queue_depth.inc();
         self.0.send(UsageItem::Record(Box::new(record)));
     }
+}
 
+/// A slot in every writer's queue, for a closing of holds.
+pub struct ClosePermit(Vec<mpsc::OwnedPermit<UsageItem>>);
+
+impl ClosePermit {
     /// Queues the closing of holds behind the settlements already queued.
     pub fn close_holds(self, hold_ids: Vec<i64>) {
-        self.0.send(UsageItem::CloseHolds(hold_ids));
+        let closing = Arc::new(HoldClosing { hold_ids, pending: AtomicUsize::new(self.0.len()) });
+        for permit in self.0 {
+            permit.send(UsageItem::CloseHolds(closing.clone()));
+        }
     }
 }
 
 impl UsageSink {
+    /// The queue of a buyer's records: a buyer's settlements (and its holds' rows) are always written by
+    /// the same writer, so that writers never wait for each other's locks on them.
+    fn queue_of(&self, buyer_id: i64) -> &mpsc::Sender<UsageItem> {
+        &self.queues[(buyer_id.unsigned_abs() % self.queues.len() as u64) as usize]
+    }
+
     /// Never waits: a full queue drops the record and counts it. For records that cost nothing.
     pub fn submit(&self, record: UsageRecord) {
         METRICS.usage_queue_depth.inc();
-        if let Err(e) = self.tx.try_send(UsageItem::Record(Box::new(record))) {
+        if let Err(e) = self.queue_of(record.buyer_id).try_send(UsageItem::Record(Box::new(record))) {
             METRICS.usage_queue_depth.dec();
             METRICS.usage_records_dropped.inc();
             if let mpsc::error::TrySendError::Full(UsageItem::Record(r))
@@ -97,14 +123,29 @@ impl UsageSink {
         }
     }
 
-    /// A queue slot for a request that may cost money, or None when the queue is full.
-    pub fn reserve(&self) -> Option<UsagePermit> {
-        self.tx.clone().try_reserve_owned().ok().map(UsagePermit)
+    /// A queue slot for a request of this buyer that may cost money, or None when the queue is full.
+    pub fn reserve(&self, buyer_id: i64) -> Option<UsagePermit> {
+        self.queue_of(buyer_id).clone().try_reserve_owned().ok().map(UsagePermit)
     }
 
-    /// Queues the closing of holds behind the settlements already queued. False when the queue is full.
+    /// A slot in every queue for a closing of holds, or None when one of them is full.
+    pub fn reserve_close(&self) -> Option<ClosePermit> {
+        let permits: Option<Vec<_>> = self.queues.iter().map(|q| q.clone().try_reserve_owned().ok()).collect();
+        permits.map(ClosePermit)
+    }
+
+    /// Queues the closing of holds behind the settlements already queued. False when a queue is full.
     pub fn close_holds(&self, hold_ids: Vec<i64>) -> bool {
-        hold_ids.is_empty() || self.tx.try_send(UsageItem::CloseHolds(hold_ids)).is_ok()
+        if hold_ids.is_empty() {
+            return true;
+        }
+        match self.reserve_close() {
+            Some(permit) => {
+                permit.close_holds(hold_ids);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -121,60 +162,78 @@ pub struct UsageWriter {
     owners: HashMap<i64, i64>,
 }
 
+/// The sink and `writers` writers (at least one), each with its share of `capacity`. Each writer writes
+/// the records of its share of the buyers in its own transactions; their batches overlap in the database
+/// except where they change the same rows (sellers' wallets, keys, rollups), which they take last.
 pub fn channel(
     db: DatabaseConnection,
     capacity: usize,
     batch_size: usize,
     flush_interval: Duration,
     fee_bps: u32,
-) -> (UsageSink, UsageWriter) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let writer = UsageWriter {
-        rx,
-        db,
-        batch_size,
-        flush_interval,
-        fee_bps,
-        wallets: HashMap::new(),
-        revenue: None,
-        owners: HashMap::new(),
-    };
-    (UsageSink { tx }, writer)
+    writers: usize,
+) -> (UsageSink, Vec<UsageWriter>) {
+    let writers = writers.max(1);
+    let capacity = capacity.div_ceil(writers).max(1);
+    let (queues, writers): (Vec<_>, Vec<_>) = (0..writers)
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(capacity);
+            let writer = UsageWriter {
+                rx,
+                db: db.clone(),
+                batch_size,
+                flush_interval,
+                fee_bps,
+                wallets: HashMap::new(),
+                revenue: None,
+                owners: HashMap::new(),
+            };
+            (tx, writer)
+        })
+        .unzip();
+    (UsageSink { queues: queues.into() }, writers)
 }
 
 impl UsageWriter {
     /// Writes batches until `shutdown` turns true, then drains the queue and writes what is left. Call the
     /// shutdown only after the gateway stopped producing records, so nothing is lost.
+    ///
+    /// A batch is taken when the queue holds a full one or the flush interval has passed, whichever comes
+    /// first. The writer sleeps in between rather than waiting on the queue, so that a record sent by a
+    /// gateway thread never has to wake it (a cross-thread wake-up per request).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut batch = Vec::with_capacity(self.batch_size);
+        let mut stop = false;
+        let mut next_flush = tokio::time::Instant::now() + self.flush_interval;
         loop {
-            let deadline = tokio::time::sleep(self.flush_interval);
-            tokio::pin!(deadline);
-            let mut stop = false;
-            while batch.len() < self.batch_size {
-                let room = self.batch_size - batch.len();
+            stop |= *shutdown.borrow();
+            while !stop && self.rx.len() < self.batch_size && tokio::time::Instant::now() < next_flush {
+                // Checked at a fraction of the interval: a queue that fills up is written before the deadline.
+                let nap = (self.flush_interval / 8).max(Duration::from_millis(1));
                 tokio::select! {
-                    // Takes what is queued at once, up to the room left: under load a batch fills in one call.
-                    received = self.rx.recv_many(&mut batch, room) => if received == 0 { stop = true; break; },
-                    () = &mut deadline => break,
-                    _ = shutdown.changed() => {
-                        if *shutdown.borrow() { stop = true; break; }
-                    }
+                    () = tokio::time::sleep_until(next_flush.min(tokio::time::Instant::now() + nap)) => {}
+                    changed = shutdown.changed() => stop = changed.is_err() || *shutdown.borrow(),
                 }
             }
-            if stop {
-                while let Ok(item) = self.rx.try_recv() {
-                    batch.push(item);
-                    if batch.len() >= self.batch_size {
-                        self.write(std::mem::take(&mut batch)).await;
-                    }
+            let mut batch = Vec::with_capacity(self.batch_size.min(self.rx.len().max(1)));
+            let closed = loop {
+                if batch.len() >= self.batch_size {
+                    break false;
                 }
-                self.write(batch).await;
-                return;
-            }
+                match self.rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(mpsc::error::TryRecvError::Empty) => break false,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break true,
+                }
+            };
+            let drained = batch.len() < self.batch_size;
             if !batch.is_empty() {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
-                self.write(full).await;
+                self.write(batch).await;
+            }
+            if drained {
+                next_flush = tokio::time::Instant::now() + self.flush_interval;
+                if stop || closed {
+                    return;
+                }
             }
         }
     }
@@ -185,9 +244,12 @@ impl UsageWriter {
         for item in items {
             match item {
                 UsageItem::Record(r) => records.push(*r),
-                UsageItem::CloseHolds(ids) => {
+                UsageItem::CloseHolds(closing) => {
                     self.write_records(std::mem::take(&mut records)).await;
-                    self.close_holds(&ids).await;
+                    // The last writer to get here closes them: every writer has written what came before.
+                    if closing.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        self.close_holds(&closing.hold_ids).await;
+                    }
                 }
             }
         }
@@ -307,7 +369,10 @@ impl UsageWriter {
             .collect();
         laps.lap("prepare");
 
-        let settled = ledger::settle_batch(&txn, &settlements, now).await?;
+        // The buyers' side first: it is this writer's alone (its buyers' holds). What every writer shares
+        // (sellers' wallets and the revenue account, keys, rollups) comes last, so that another writer's
+        // batch waits for those rows only during the last phases of this one.
+        let (settled, credits) = ledger::settle_batch_debits(&txn, &settlements, now).await?;
         laps.lap("ledger");
 
         let mut settled_of = vec![None; batch.len()];
@@ -332,6 +397,8 @@ impl UsageWriter {
         }
         usage_records::insert_new(&txn, rows).await?;
         laps.lap("usage_rows");
+        credits.apply(&txn, now).await?;
+        laps.lap("credits");
         crate::db::hosted_keys::apply_outcomes(&txn, &outcomes).await?;
         laps.lap("key_outcomes");
         rollups::apply(&txn, &rollup).await?;
@@ -602,7 +669,8 @@ mod rollup_tests {
             seller_id: Some(SELLER),
             excess: 0,
         };
-        let (_, writer) = channel(db.clone(), 16, 16, Duration::from_millis(10), 500);
+        let (_, mut writers) = channel(db.clone(), 16, 16, Duration::from_millis(10), 500, 1);
+        let writer = writers.pop().unwrap();
         Fixture { writer, key, fallback_key, charge }
     }
 
@@ -688,6 +756,65 @@ mod rollup_tests {
             let hour = rollups::hour_of(T0);
             let m1 = |rows: &[Row]| rows.iter().find(|r| r.0 == 2 && r.1 == hour && r.3 == "m1").unwrap().4;
             assert_eq!(m1(&twice)[0] - m1(&once)[0], 1, "{l}");
+            t.cleanup().await;
+        }
+    }
+
+    /// Two writers, each with its share of the buyers: a closing of holds queued behind both buyers'
+    /// settlements closes the holds only once both writers have written what came before it, whichever
+    /// writer gets there first; both buyers' records are settled from their own holds.
+    #[tokio::test]
+    async fn holds_close_after_every_writers_earlier_settlements() {
+        for t in TestDb::all().await {
+            let (db, l) = (&t.db, t.label);
+            let f = fixture(db).await;
+            // A second buyer, in the other writer's share (buyers go to writer `id % 2`).
+            let other = BUYER + 1;
+            ledger::grant(db, other, 1_000_000, None, "g2", None, T0).await.unwrap();
+            let wallet = ledger::wallet_account(db, other, T0).await.unwrap();
+            let source = HoldSource { buyer_id: other, account_id: wallet, escrow_id: None };
+            let hold = ledger::open_hold(db, source, "node", 10_000, 10_000, T0).await.unwrap().unwrap();
+            let other_charge = Charge {
+                hold_id: hold.id,
+                hold_account_id: hold.account_id,
+                source_account_id: wallet,
+                ..f.charge.clone()
+            };
+
+            let (sink, writers) = channel(db.clone(), 64, 16, Duration::from_millis(10), 500, 2);
+            let mut first = served(&f, "w-first", T0 + 1, "m1", 30);
+            first.buyer_id = BUYER;
+            let mut second = served(&f, "w-second", T0 + 2, "m1", 20);
+            second.buyer_id = other;
+            second.charge = Some(Charge { cost: 20, ..other_charge });
+            sink.reserve(first.buyer_id).unwrap().send(first);
+            sink.reserve(second.buyer_id).unwrap().send(second);
+            assert!(sink.close_holds(vec![f.charge.hold_id, hold.id]), "{l}");
+
+            // Each writer drains its queue and stops; the other one has not run yet.
+            let mut writers = writers.into_iter();
+            let (stop, stopped) = watch::channel(true);
+            let (one, two) = (writers.next().unwrap(), writers.next().unwrap());
+            // Buyer 1 is the second writer's; run that one first.
+            two.run(stopped.clone()).await;
+            for id in [f.charge.hold_id, hold.id] {
+                let h = ledger::find_hold(db, id).await.unwrap().unwrap();
+                assert_eq!(h.status, ledger::HOLD_OPEN, "{l}: closed before the other writer's settlements");
+            }
+            assert_eq!(ledger::find_hold(db, f.charge.hold_id).await.unwrap().unwrap().spent, 30, "{l}");
+            one.run(stopped).await;
+            drop(stop);
+            for (id, spent) in [(f.charge.hold_id, 30), (hold.id, 20)] {
+                let h = ledger::find_hold(db, id).await.unwrap().unwrap();
+                assert_eq!((h.status.as_str(), h.spent), (ledger::HOLD_CLOSED, spent), "{l}");
+            }
+            assert_eq!(
+                sea_orm::PaginatorTrait::count(crate::db::usage_records::Entity::find(), db).await.unwrap(),
+                2,
+                "{l}"
+            );
+            let violations = ledger::check(db, crate::now_ms(), 3_600_000).await.unwrap();
+            assert!(violations.is_empty(), "{l}: {violations:?}");
             t.cleanup().await;
         }
     }

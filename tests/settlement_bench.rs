@@ -33,7 +33,7 @@ const KEYS_PER_SELLER: usize = 10;
 const MODELS: usize = 20;
 const FEE_BPS: u32 = 500;
 /// The phases of a batch, as the writer labels them in `tokex_usage_batch_seconds`.
-const PHASES: [&str; 6] = ["prepare", "ledger", "usage_rows", "key_outcomes", "rollups", "commit"];
+const PHASES: [&str; 7] = ["prepare", "ledger", "usage_rows", "credits", "key_outcomes", "rollups", "commit"];
 
 struct World {
     /// Per buyer: (buyer id, its hold's id, the hold's account, the wallet the hold draws from).
@@ -168,29 +168,32 @@ async fn run(db: &DatabaseConnection, label: &str, n: usize, conf: &UsageConfig)
     let records = records(&world, n, "bench");
     let paid: i64 = records.iter().filter_map(|r| r.charge.as_ref()).map(|c| c.cost).sum();
 
-    let (sink, writer) = usage::channel(
+    let (sink, writers) = usage::channel(
         db.clone(),
         conf.queue_capacity.max(n),
         conf.batch_size,
         Duration::from_millis(conf.flush_interval_ms),
         FEE_BPS,
+        conf.writers,
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let (written, phases) = (METRICS.usage_records_written.get(), phase_totals());
     let start = Instant::now();
-    let task = tokio::spawn(writer.run(stopped));
+    let tasks: Vec<_> = writers.into_iter().map(|w| tokio::spawn(w.run(stopped.clone()))).collect();
     for record in records {
-        sink.reserve().expect("the queue holds every record").send(record);
+        sink.reserve(record.buyer_id).expect("the queue holds every record").send(record);
     }
     let mut peak_depth = 0;
     while METRICS.usage_records_written.get() - written < n as u64 {
         peak_depth = peak_depth.max(METRICS.usage_queue_depth.get());
-        assert!(!task.is_finished(), "the writer stopped");
+        assert!(!tasks.iter().any(|t| t.is_finished()), "a writer stopped");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let secs = start.elapsed().as_secs_f64();
     stop.send(true).unwrap();
-    task.await.unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
 
     let after = phase_totals();
     let batches = after[0].1 - phases[0].1;
@@ -227,11 +230,15 @@ async fn settlement_throughput() {
     if let Some(size) = std::env::var("TOKEX_BENCH_BATCH").ok().and_then(|v| v.parse().ok()) {
         conf.batch_size = size;
     }
+    if let Some(writers) = std::env::var("TOKEX_BENCH_WRITERS").ok().and_then(|v| v.parse().ok()) {
+        conf.writers = writers;
+    }
     let mut report = format!(
-        "Usage batches of up to {} records (flush every {} ms), fee {FEE_BPS} bps.\n\n\
+        "Usage batches of up to {} records (flush every {} ms), {} writers, fee {FEE_BPS} bps.\n\n\
          | database | records | records per batch | records/s | ms per batch | {} |\n|---|---:|---:|---:|---:|{}\n",
         conf.batch_size,
         conf.flush_interval_ms,
+        conf.writers,
         PHASES.join(" | "),
         "---:|".repeat(PHASES.len())
     );

@@ -837,11 +837,38 @@ pub async fn settle_batch(
     batch: &[Settlement],
     now_ms: i64,
 ) -> Result<Vec<Settled>, LedgerError> {
+    let (settled, credits) = settle_batch_debits(txn, batch, now_ms).await?;
+    credits.apply(txn, now_ms).await?;
+    Ok(settled)
+}
+
+/// The credits of settlements (sellers' wallets, the platform's revenue) that [`settle_batch_debits`] has
+/// posted but not yet added to the accounts' balances: the caller adds them with [`PendingCredits::apply`]
+/// in the same transaction, as late as it can, since these rows are shared by every writer and stay
+/// locked from then until the commit.
+#[must_use = "the credits must be applied in the same transaction"]
+#[derive(Debug, Default)]
+pub struct PendingCredits(BTreeMap<i64, i64>);
+
+impl PendingCredits {
+    pub async fn apply(self, txn: &DatabaseTransaction, now_ms: i64) -> Result<(), LedgerError> {
+        add_to_balances(txn, &self.0, now_ms).await
+    }
+}
+
+/// [`settle_batch`] up to the credits: everything but adding the credits to their accounts' balances,
+/// which is left to the caller (see [`PendingCredits`]). The debits (holds, and sources for overruns) are
+/// added, so the buyer's side is locked and final when this returns.
+pub async fn settle_batch_debits(
+    txn: &DatabaseTransaction,
+    batch: &[Settlement],
+    now_ms: i64,
+) -> Result<(Vec<Settled>, PendingCredits), LedgerError> {
     let mut out = vec![Settled::default(); batch.len()];
     let keys: Vec<String> = batch.iter().map(|s| format!("settle:{}", s.request_id)).collect();
     let paying: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].cost > 0).collect();
     if paying.is_empty() {
-        return Ok(out);
+        return Ok((out, PendingCredits::default()));
     }
     // The hold rows first, as `close_hold` and `extend_hold` lock them before the holds' accounts. Locked
     // before the look for earlier settlements: a concurrent settlement of the same request (through the
@@ -870,7 +897,7 @@ pub async fn settle_batch(
         }
     }
     if todo.is_empty() {
-        return Ok(out);
+        return Ok((out, PendingCredits::default()));
     }
     let mut in_holds = balances_for_update(txn, todo.iter().map(|&i| batch[i].hold_account_id).collect()).await?;
     let mut from_hold = vec![0; batch.len()];
@@ -884,7 +911,8 @@ pub async fn settle_batch(
     let short = todo.iter().filter(|&&i| from_hold[i] < batch[i].cost).map(|&i| batch[i].source_account_id).collect();
     let mut in_sources = balances_for_update(txn, short).await?;
 
-    let mut changes: BTreeMap<i64, i64> = BTreeMap::new();
+    // Debits and credits per account, apart: the credits are added last (see `PendingCredits`).
+    let (mut debits, mut credits): (BTreeMap<i64, i64>, BTreeMap<i64, i64>) = Default::default();
     let mut spent: BTreeMap<i64, i64> = BTreeMap::new();
     let mut entries = Vec::with_capacity(todo.len());
     let mut overrun_holds = BTreeSet::new();
@@ -907,7 +935,7 @@ pub async fn settle_batch(
         entry_postings.push((s.revenue_account_id, platform));
         let entry_postings = ordered_postings(&keys[i], &entry_postings)?;
         for &(account, amount) in &entry_postings {
-            let change = changes.entry(account).or_default();
+            let change = if amount < 0 { debits.entry(account) } else { credits.entry(account) }.or_default();
             *change = change.checked_add(amount).ok_or_else(|| LedgerError::Invalid("balance overflow".into()))?;
         }
         *spent.entry(s.hold_id).or_default() += from_hold[i];
@@ -949,7 +977,7 @@ pub async fn settle_batch(
         let chunk: Vec<postings::ActiveModel> = rows.by_ref().take(VALUES_PER_INSERT / 4).collect();
         postings::Entity::insert_many(chunk).exec_without_returning(txn).await?;
     }
-    add_to_balances(txn, &changes, now_ms).await?;
+    add_to_balances(txn, &debits, now_ms).await?;
     add_to_spent(txn, &spent, now_ms).await?;
     for hold_id in overrun_holds {
         // The overrun may have emptied an escrow whose holds are all closed.
@@ -961,7 +989,7 @@ pub async fn settle_batch(
             mark_exhausted_if_empty(txn, &escrow, now_ms).await?;
         }
     }
-    Ok(out)
+    Ok((out, PendingCredits(credits)))
 }
 
 /// The ids of the entries that exist among these idempotency keys, by key.

@@ -202,7 +202,7 @@ async fn prepare(
     let model_label = request.model.clone();
 
     // Payment: a queue slot for the record (so it cannot be dropped), then the worst case reserved.
-    let Some(permit) = gateway.usage.reserve() else {
+    let Some(permit) = gateway.usage.reserve(record.buyer_id) else {
         tracing::error!("the usage queue is full; refusing paid requests until it drains");
         let e = GatewayError::BillingUnavailable;
         return Err(finish_rejected(gateway, session, record, &e, started, None).await);
