@@ -7,6 +7,7 @@
 #
 #   bench/settlement/run.sh                                     # both databases, 50,000 records
 #   TOKEX_BENCH_BACKENDS=mariadb TOKEX_BENCH_RECORDS=20000 TOKEX_BENCH_BATCH=1000 bench/settlement/run.sh
+#   TOKEX_BENCH_WRITERS=1 bench/settlement/run.sh                # usage.writers (default 2)
 #
 # MariaDB: TOKEX_TEST_MYSQL_URL (default mysql://root@127.0.0.1:3306), as for the tests.
 set -euo pipefail
@@ -17,7 +18,7 @@ commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 {
   echo "# Settlement benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $commit)"
   echo
-  echo "Release build; one usage writer draining a full queue (its maximum rate). Per-batch times are means"
+  echo "Release build; the usage writers draining a full queue (their maximum rate). Per-batch times are means"
   echo "of tokex_usage_batch_seconds by phase, in ms. Load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
 } > "$out.head"
