@@ -425,6 +425,14 @@ impl Config {
         if let Err(message) = crate::ssrf::UpstreamPolicy::parse(&self.security.upstream_allow) {
             return Err(ConfigError::Invalid { field: "security.upstream_allow", message });
         }
+        if self.usage.writers >= self.database.max_connections as usize {
+            // Each writer holds a connection for its batch: the pool refresher, hold top-ups and the admin
+            // API need the others.
+            return Err(ConfigError::Invalid {
+                field: "usage.writers",
+                message: format!("must be below database.max_connections ({})", self.database.max_connections),
+            });
+        }
         if self.ledger.node_id.len() > 64 {
             return Err(ConfigError::Invalid { field: "ledger.node_id", message: "at most 64 characters".into() });
         }
@@ -609,5 +617,8 @@ mod tests {
         assert!(matches!(bad_addr, Err(ConfigError::Invalid { field: "admin.listen", .. })));
         let zero = Config::from_layers(None, &vars(&[("TOKEX_GATEWAY_MAX_ATTEMPTS", "0")]));
         assert!(matches!(zero, Err(ConfigError::Invalid { .. })));
+        let writers = vars(&[("TOKEX_USAGE_WRITERS", "4"), ("TOKEX_DATABASE_MAX_CONNECTIONS", "4")]);
+        let too_many = Config::from_layers(None, &writers);
+        assert!(matches!(too_many, Err(ConfigError::Invalid { field: "usage.writers", .. })));
     }
 }
