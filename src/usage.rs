@@ -139,13 +139,7 @@ impl UsageSink {
         if hold_ids.is_empty() {
             return true;
         }
-        match self.reserve_close() {
-            Some(permit) => {
-                permit.close_holds(hold_ids);
-                true
-            }
-            None => false,
-        }
+        self.reserve_close().map(|permit| permit.close_holds(hold_ids)).is_some()
     }
 }
 
@@ -657,21 +651,26 @@ mod rollup_tests {
         let mut platform = hosted_keys::tests::new_key(99, "uid-platform");
         platform.pool = "platform".into();
         let fallback_key = hosted_keys::insert(db, platform).await.unwrap().id;
-        ledger::grant(db, BUYER, 1_000_000, None, "g", None, T0).await.unwrap();
-        let wallet = ledger::wallet_account(db, BUYER, T0).await.unwrap();
-        let source = HoldSource { buyer_id: BUYER, account_id: wallet, escrow_id: None };
+        let charge = funded_charge(db, BUYER).await;
+        let (_, mut writers) = channel(db.clone(), 16, 16, Duration::from_millis(10), 500, 1);
+        let writer = writers.pop().unwrap();
+        Fixture { writer, key, fallback_key, charge }
+    }
+
+    /// A charge (of nothing yet, to the seller) on a hold opened on the buyer's freshly granted wallet.
+    async fn funded_charge(db: &DatabaseConnection, buyer: i64) -> Charge {
+        ledger::grant(db, buyer, 1_000_000, None, &format!("g{buyer}"), None, T0).await.unwrap();
+        let wallet = ledger::wallet_account(db, buyer, T0).await.unwrap();
+        let source = HoldSource { buyer_id: buyer, account_id: wallet, escrow_id: None };
         let hold = ledger::open_hold(db, source, "node", 10_000, 10_000, crate::now_ms()).await.unwrap().unwrap();
-        let charge = Charge {
+        Charge {
             hold_id: hold.id,
             hold_account_id: hold.account_id,
             source_account_id: wallet,
             cost: 0,
             seller_id: Some(SELLER),
             excess: 0,
-        };
-        let (_, mut writers) = channel(db.clone(), 16, 16, Duration::from_millis(10), 500, 1);
-        let writer = writers.pop().unwrap();
-        Fixture { writer, key, fallback_key, charge }
+        }
     }
 
     fn served(f: &Fixture, id: &str, at: i64, model: &str, cost: i64) -> UsageRecord {
@@ -770,26 +769,17 @@ mod rollup_tests {
             let f = fixture(db).await;
             // A second buyer, in the other writer's share (buyers go to writer `id % 2`).
             let other = BUYER + 1;
-            ledger::grant(db, other, 1_000_000, None, "g2", None, T0).await.unwrap();
-            let wallet = ledger::wallet_account(db, other, T0).await.unwrap();
-            let source = HoldSource { buyer_id: other, account_id: wallet, escrow_id: None };
-            let hold = ledger::open_hold(db, source, "node", 10_000, 10_000, T0).await.unwrap().unwrap();
-            let other_charge = Charge {
-                hold_id: hold.id,
-                hold_account_id: hold.account_id,
-                source_account_id: wallet,
-                ..f.charge.clone()
-            };
+            let other_charge = funded_charge(db, other).await;
 
             let (sink, writers) = channel(db.clone(), 64, 16, Duration::from_millis(10), 500, 2);
             let mut first = served(&f, "w-first", T0 + 1, "m1", 30);
             first.buyer_id = BUYER;
             let mut second = served(&f, "w-second", T0 + 2, "m1", 20);
             second.buyer_id = other;
-            second.charge = Some(Charge { cost: 20, ..other_charge });
+            second.charge = Some(Charge { cost: 20, ..other_charge.clone() });
             sink.reserve(first.buyer_id).unwrap().send(first);
             sink.reserve(second.buyer_id).unwrap().send(second);
-            assert!(sink.close_holds(vec![f.charge.hold_id, hold.id]), "{l}");
+            assert!(sink.close_holds(vec![f.charge.hold_id, other_charge.hold_id]), "{l}");
 
             // Each writer drains its queue and stops; the other one has not run yet.
             let mut writers = writers.into_iter();
@@ -797,14 +787,14 @@ mod rollup_tests {
             let (one, two) = (writers.next().unwrap(), writers.next().unwrap());
             // Buyer 1 is the second writer's; run that one first.
             two.run(stopped.clone()).await;
-            for id in [f.charge.hold_id, hold.id] {
+            for id in [f.charge.hold_id, other_charge.hold_id] {
                 let h = ledger::find_hold(db, id).await.unwrap().unwrap();
                 assert_eq!(h.status, ledger::HOLD_OPEN, "{l}: closed before the other writer's settlements");
             }
             assert_eq!(ledger::find_hold(db, f.charge.hold_id).await.unwrap().unwrap().spent, 30, "{l}");
             one.run(stopped).await;
             drop(stop);
-            for (id, spent) in [(f.charge.hold_id, 30), (hold.id, 20)] {
+            for (id, spent) in [(f.charge.hold_id, 30), (other_charge.hold_id, 20)] {
                 let h = ledger::find_hold(db, id).await.unwrap().unwrap();
                 assert_eq!((h.status.as_str(), h.spent), (ledger::HOLD_CLOSED, spent), "{l}");
             }

@@ -6,7 +6,10 @@
 //!
 //! Lock order, to keep MySQL free of deadlocks between operations: escrow row, hold row, then accounts in
 //! ascending id order. Reads that decide an amount come after the locks; on MySQL the transactions run at
-//! READ COMMITTED so that those reads see the latest committed state.
+//! READ COMMITTED so that those reads see the latest committed state. A settlement batch is the exception:
+//! it takes the accounts it debits, then (as late as its caller can) those it credits, each group in
+//! ascending order, so that usage writers overlap; the rare deadlock that allows (an account both debited
+//! by one batch and credited by another) is retried as a transient error.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -830,8 +833,9 @@ const CASE_CHUNK: usize = 250;
 /// moves nothing. Returns one `Settled` per settlement, in order.
 ///
 /// Locks, as a single settlement takes them (module docs): the hold rows, then the holds' accounts in
-/// ascending id order (to read what they can pay), an overrun's sources, and at the end every account the
-/// postings change, in ascending id order, each with one guarded update of its net change for the batch.
+/// ascending id order (to read what they can pay), an overrun's sources, then the accounts the postings
+/// debit and, last, those they credit (sellers, revenue), each group in ascending id order with one guarded
+/// update per account for the batch ([`settle_batch_debits`] leaves the credits to its caller).
 pub async fn settle_batch(
     txn: &DatabaseTransaction,
     batch: &[Settlement],
