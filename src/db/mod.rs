@@ -203,9 +203,8 @@ mod tests {
 
     #[tokio::test]
     async fn migrations_can_be_rolled_back_and_reapplied() {
-        for test_db in testing::TestDb::all().await {
-            migration::Migrator::down(&test_db.db, None).await.unwrap();
-            migrate(&test_db.db).await.unwrap();
+        for mut test_db in testing::TestDb::all().await {
+            test_db.remigrate(None).await;
             test_db.cleanup().await;
         }
     }
