@@ -759,7 +759,9 @@ mod db_tests {
         assert_eq!(retired.len(), 1);
         assert_eq!(ledger::close_hold(&t.db, retired[0], 2).await.unwrap(), 90);
         assert_eq!(ledger::wallet_balance(&t.db, 7).await.unwrap(), 90);
-        assert!(ledger::check(&t.db, 3, 1_000).await.unwrap().is_empty());
+        // The request has no usage record here (the usage writer writes it with the settlement).
+        let violations = ledger::check(&t.db, 3, 1_000).await.unwrap();
+        assert!(violations.iter().all(|v| v.rule == "usage_settled"), "{violations:?}");
     }
 
     #[tokio::test]

@@ -286,7 +286,7 @@ async fn disputable_request(
     if record.cost_credits - record.unpaid_credits <= 0 {
         return Err(DisputeError::not_disputable("this request cost nothing; there is nothing to refund"));
     }
-    if !queries::entry_exists(db, &format!("settle:{request_id}")).await? {
+    if core::find_settlement(db, request_id).await?.is_none() {
         return Err(DisputeError::not_disputable("this request is not settled yet"));
     }
     if queries::entry_exists(db, &format!("refund:{request_id}")).await? {

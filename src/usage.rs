@@ -600,6 +600,7 @@ mod tests {
 #[cfg(test)]
 mod rollup_tests {
     use super::*;
+    use crate::db::entities::settlements;
     use crate::db::entities::{usage_rollups_buyer as rb, usage_rollups_platform as rp, usage_rollups_seller as rs};
     use crate::db::hosted_keys;
     use crate::db::ledger::HoldSource;
@@ -847,9 +848,11 @@ mod rollup_tests {
             let l = t.label;
             let db = &t.db;
             let mut f = fixture(db).await;
-            let records = batch(&f);
-            f.writer.write_batch(&records[..3]).await.unwrap();
-            f.writer.write_batch(&records[3..]).await.unwrap();
+            // One record per batch: each settle entry then settles one request, the layout from before
+            // the settlements migration (7), which cannot be rolled back past batch entries.
+            for record in batch(&f) {
+                f.writer.write_batch(std::slice::from_ref(&record)).await.unwrap();
+            }
             f.writer.write_batch(&[served(&f, "r-late", T0 + 3 * rollups::HOUR_MS, "m3", 9)]).await.unwrap();
             let online = rollups(db).await;
             assert!(online.len() > 8, "{l}");
@@ -859,8 +862,14 @@ mod rollup_tests {
             let reports = migrations.iter().position(|m| m.name() == "m20261124_000005_reports").unwrap();
             let steps = u32::try_from(migrations.len() - reports).unwrap();
             drop(f);
+            let settled = settlements::Entity::find().order_by_asc(settlements::Column::RequestId).all(&t.db).await;
             t.remigrate(Some(steps)).await;
             assert_eq!(rollups(&t.db).await, online, "{l}");
+            // The settlements migration (7) rebuilt the settlements from the per-request entries.
+            let rebuilt = settlements::Entity::find().order_by_asc(settlements::Column::RequestId).all(&t.db).await;
+            assert_eq!(rebuilt.unwrap(), settled.unwrap(), "{l}");
+            let violations = ledger::check(&t.db, T0 + 4 * rollups::HOUR_MS, i64::MAX / 2).await.unwrap();
+            assert!(violations.is_empty(), "{l}: {violations:?}");
             t.cleanup().await;
         }
     }

@@ -155,7 +155,7 @@ async fn check_outcome(s: &Setup, outcomes: &[Outcome], grant: i64) -> Vec<Usage
     assert_eq!(settlements.len(), served.len(), "one settlement per served request");
     for record in &served {
         assert_eq!(settlements[&record.request_id].len(), 1);
-        assert_eq!(ledger.debits_of(settlements[&record.request_id][0].id), record.cost_credits);
+        assert_eq!(settlements[&record.request_id][0].paid, record.cost_credits);
     }
     ledger.assert_books(&[(s.buyer_id, grant)], &expected_books(&records, |_| Earner::Seller(s.seller_id)));
     assert_eq!(ledger.wallet(s.buyer_id), grant - spent, "the wallet is back to the grant minus what was spent");

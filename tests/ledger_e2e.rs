@@ -140,7 +140,7 @@ async fn settle_and_check(
             Some(entries) => {
                 assert_eq!(entries.len(), 1, "one settlement per request: {entries:#?}");
                 assert!(record.cost_credits > 0, "a settlement for a free request: {record:#?}");
-                assert_eq!(ledger.debits_of(entries[0].id), record.cost_credits, "settlement of {record:#?}");
+                assert_eq!(entries[0].paid, record.cost_credits, "settlement of {record:#?}");
             }
         }
     }
@@ -809,7 +809,7 @@ async fn an_overrun_never_overdraws_and_the_excess_is_recorded_unpaid(backend: B
         assert_eq!(record.cost_credits, cost, "the record keeps the metered cost: {record:#?}");
     }
     let settlements = ledger.settlements();
-    let paid = |r: &UsageRecord| ledger.debits_of(settlements[&r.request_id][0].id);
+    let paid = |r: &UsageRecord| settlements[&r.request_id][0].paid;
     assert_eq!(paid(rich), rich.cost_credits - rich.unpaid_credits, "{rich:#?}");
     assert!((worst..=cost).contains(&paid(rich)), "the rich buyer paid {} of {cost} (reserved {worst})", paid(rich));
     assert_eq!(paid(poor), worst, "the poor buyer pays all they had: {poor:#?}");

@@ -10,6 +10,7 @@ mod m20261124_000003_key_events;
 mod m20261124_000004_risk;
 mod m20261124_000005_reports;
 mod m20261124_000006_track_pool_changes;
+mod m20261124_000007_settlements;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000004_risk::Migration),
             Box::new(m20261124_000005_reports::Migration),
             Box::new(m20261124_000006_track_pool_changes::Migration),
+            Box::new(m20261124_000007_settlements::Migration),
         ]
     }
 }

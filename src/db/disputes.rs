@@ -106,7 +106,7 @@ pub async fn list_by_status(
     query.order_by_desc(disputes::Column::Id).limit(limit).all(c).await
 }
 
-/// Whether the ledger has an entry with this idempotency key (`settle:<request>`, `refund:<request>`).
+/// Whether the ledger has an entry with this idempotency key (e.g. `refund:<request>`).
 pub async fn entry_exists(c: &impl ConnectionTrait, idempotency_key: &str) -> Result<bool, DbErr> {
     let n = journal_entries::Entity::find()
         .filter(journal_entries::Column::IdempotencyKey.eq(idempotency_key))
@@ -178,8 +178,9 @@ async fn escrow_earner_accounts(c: &impl ConnectionTrait, escrow_account_id: i64
     }
     let backend = c.get_database_backend();
     let sql = format!(
-        "SELECT DISTINCT p.account_id AS account_id FROM journal_entries e JOIN postings p ON p.entry_id = e.id \
-         WHERE e.kind = 'settle' AND p.amount > 0 AND e.request_id IN (SELECT u.request_id {PAID_FROM_ESCROW})"
+        "SELECT DISTINCT s.seller_account_id AS account_id FROM settlements s \
+         WHERE s.seller_account_id IS NOT NULL AND s.request_id IN (SELECT u.request_id {PAID_FROM_ESCROW}) \
+         UNION SELECT r.id FROM accounts r WHERE r.kind = 'revenue'"
     );
     let rows =
         Row::find_by_statement(Statement::from_sql_and_values(backend, sql, [escrow_account_id.into()])).all(c).await?;

@@ -128,20 +128,25 @@ struct KeyRow {
     earned: i64,
 }
 
-/// Settled requests and earnings (refunds deducted) per seller key, aggregated by the database.
+/// Settled requests and earnings (refunds deducted) per seller key, aggregated by the database: the
+/// settlements that credited the wallet (settle entries are per batch, settlements per request), reached
+/// through the seller's keys' usage records (indexed), less the refunds' postings on the wallet.
 pub async fn earnings_by_key(c: &impl ConnectionTrait, wallet: i64) -> Result<Vec<KeyEarnings>, DbErr> {
     let backend = c.get_database_backend();
     let sql = format!(
-        "SELECT u.hosted_key_id AS hosted_key_id, h.name AS name, {} AS requests, {} AS earned \
-         FROM postings p JOIN journal_entries e ON e.id = p.entry_id \
-         JOIN usage_records u ON u.request_id = e.request_id \
-         LEFT JOIN hosted_keys h ON h.id = u.hosted_key_id \
-         WHERE p.account_id = ? AND e.kind IN ('settle', 'refund') \
-         GROUP BY u.hosted_key_id, h.name ORDER BY u.hosted_key_id",
-        sum(backend, "CASE WHEN e.kind = 'settle' THEN 1 ELSE 0 END"),
-        sum(backend, "p.amount"),
+        "SELECT x.kid AS hosted_key_id, h.name AS name, {} AS requests, {} AS earned FROM \
+         (SELECT u.hosted_key_id AS kid, 1 AS n, s.seller AS amount FROM hosted_keys k \
+         JOIN usage_records u ON u.hosted_key_id = k.id JOIN settlements s ON s.request_id = u.request_id \
+         WHERE k.owner_id = (SELECT a.owner_id FROM accounts a WHERE a.id = ?) \
+         AND s.seller_account_id = ? AND s.seller > 0 \
+         UNION ALL SELECT u.hosted_key_id, 0, p.amount FROM postings p JOIN journal_entries e ON e.id = p.entry_id \
+         JOIN usage_records u ON u.request_id = e.request_id WHERE p.account_id = ? AND e.kind = 'refund') x \
+         LEFT JOIN hosted_keys h ON h.id = x.kid GROUP BY x.kid, h.name ORDER BY x.kid",
+        sum(backend, "x.n"),
+        sum(backend, "x.amount"),
     );
-    let rows = KeyRow::find_by_statement(statement(c, sql, vec![wallet.into()])).all(c).await?;
+    let rows =
+        KeyRow::find_by_statement(statement(c, sql, vec![wallet.into(), wallet.into(), wallet.into()])).all(c).await?;
     Ok(rows
         .into_iter()
         .map(|r| KeyEarnings { hosted_key_id: r.hosted_key_id, name: r.name, requests: r.requests, earned: r.earned })

@@ -21,7 +21,7 @@ use sea_orm::{
     QuerySelect, Statement, TransactionTrait, Value,
 };
 
-use super::entities::{accounts, escrows, holds, journal_entries, postings};
+use super::entities::{accounts, escrows, holds, journal_entries, postings, settlements};
 
 pub const WALLET: &str = "wallet";
 pub const ESCROW: &str = "escrow";
@@ -869,14 +869,13 @@ pub async fn settle_batch_debits(
     now_ms: i64,
 ) -> Result<(Vec<Settled>, PendingCredits), LedgerError> {
     let mut out = vec![Settled::default(); batch.len()];
-    let keys: Vec<String> = batch.iter().map(|s| format!("settle:{}", s.request_id)).collect();
     let paying: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].cost > 0).collect();
     if paying.is_empty() {
         return Ok((out, PendingCredits::default()));
     }
     // The hold rows first, as `close_hold` and `extend_hold` lock them before the holds' accounts. Locked
     // before the look for earlier settlements: a concurrent settlement of the same request (through the
-    // same hold) has committed by then, and READ COMMITTED shows its entry.
+    // same hold) has committed by then, and READ COMMITTED shows its row.
     let hold_ids: Vec<i64> = paying.iter().map(|&i| batch[i].hold_id).collect::<BTreeSet<_>>().into_iter().collect();
     for chunk in hold_ids.chunks(IN_CHUNK) {
         holds::Entity::find()
@@ -889,12 +888,12 @@ pub async fn settle_batch_debits(
             .all(txn)
             .await?;
     }
-    let paying_keys: Vec<&str> = paying.iter().map(|&i| keys[i].as_str()).collect();
-    let known = entry_ids(txn, &paying_keys).await?;
+    let known = settled_request_ids(txn, paying.iter().map(|&i| batch[i].request_id.as_str())).await?;
     let mut seen = HashSet::with_capacity(paying.len());
     let mut todo = Vec::with_capacity(paying.len());
     for i in paying {
-        if known.contains_key(&keys[i]) || !seen.insert(keys[i].as_str()) {
+        let id = batch[i].request_id.as_str();
+        if known.contains(id) || !seen.insert(id) {
             out[i].duplicate = true;
         } else {
             todo.push(i);
@@ -915,10 +914,18 @@ pub async fn settle_batch_debits(
     let short = todo.iter().filter(|&&i| from_hold[i] < batch[i].cost).map(|&i| batch[i].source_account_id).collect();
     let mut in_sources = balances_for_update(txn, short).await?;
 
-    // Debits and credits per account, apart: the credits are added last (see `PendingCredits`).
+    // Debits and credits per account, apart: the credits are added last (see `PendingCredits`), and the
+    // entry shows both when one account is on both sides (a buyer who sells, paying an overrun).
     let (mut debits, mut credits): (BTreeMap<i64, i64>, BTreeMap<i64, i64>) = Default::default();
+    let mut add = |account: i64, amount: i64| -> Result<(), LedgerError> {
+        if amount == 0 {
+            return Ok(());
+        }
+        let change = if amount < 0 { debits.entry(account) } else { credits.entry(account) }.or_default();
+        *change = change.checked_add(amount).ok_or_else(|| LedgerError::Invalid("balance overflow".into()))?;
+        Ok(())
+    };
     let mut spent: BTreeMap<i64, i64> = BTreeMap::new();
-    let mut entries = Vec::with_capacity(todo.len());
     let mut overrun_holds = BTreeSet::new();
     for &i in &todo {
         let s = &batch[i];
@@ -932,54 +939,63 @@ pub async fn settle_batch_debits(
         };
         let paid = from_hold[i] + from_source;
         let (seller, platform) = split(paid, s.fee_bps, s.seller_account_id.is_some());
-        let mut entry_postings = vec![(s.hold_account_id, -from_hold[i]), (s.source_account_id, -from_source)];
+        add(s.hold_account_id, -from_hold[i])?;
+        add(s.source_account_id, -from_source)?;
         if let Some(account) = s.seller_account_id {
-            entry_postings.push((account, seller));
+            add(account, seller)?;
         }
-        entry_postings.push((s.revenue_account_id, platform));
-        let entry_postings = ordered_postings(&keys[i], &entry_postings)?;
-        for &(account, amount) in &entry_postings {
-            let change = if amount < 0 { debits.entry(account) } else { credits.entry(account) }.or_default();
-            *change = change.checked_add(amount).ok_or_else(|| LedgerError::Invalid("balance overflow".into()))?;
-        }
+        add(s.revenue_account_id, platform)?;
         *spent.entry(s.hold_id).or_default() += from_hold[i];
         if from_source > 0 {
             overrun_holds.insert(s.hold_id);
         }
         out[i] = Settled { paid, unpaid: s.cost - paid, seller, platform, duplicate: false };
-        entries.push((i, entry_postings));
     }
 
-    // Six bound columns per entry, four per posting.
-    for chunk in entries.chunks(VALUES_PER_INSERT / 6) {
-        let rows = chunk.iter().map(|(i, _)| journal_entries::ActiveModel {
-            idempotency_key: Set(keys[*i].clone()),
-            kind: Set("settle".to_string()),
-            request_id: Set(Some(batch[*i].request_id.clone())),
-            actor_id: Set(None),
-            memo: Set(None),
-            created_at_ms: Set(now_ms),
-            ..Default::default()
-        });
-        journal_entries::Entity::insert_many(rows).exec_without_returning(txn).await?;
-    }
-    let entry_keys: Vec<&str> = entries.iter().map(|(i, _)| keys[*i].as_str()).collect();
-    let entry_ids = entry_ids(txn, &entry_keys).await?;
-    let mut rows = Vec::with_capacity(entries.len() * 3);
-    for (i, entry_postings) in &entries {
-        let entry_id = *entry_ids.get(&keys[*i]).ok_or(LedgerError::NotFound("journal entry"))?;
-        rows.extend(entry_postings.iter().map(|&(account_id, amount)| postings::ActiveModel {
+    // One entry for the batch, named after its first request (each request is settled once, so no other
+    // entry has that key); a batch of one is recorded as a per-request entry.
+    let first = &batch[todo[0]].request_id;
+    let entry_id = journal_entries::Entity::insert(journal_entries::ActiveModel {
+        idempotency_key: Set(format!("settle:{first}")),
+        kind: Set("settle".to_string()),
+        request_id: Set((todo.len() == 1).then(|| first.clone())),
+        actor_id: Set(None),
+        memo: Set((todo.len() > 1).then(|| format!("{} requests", todo.len()))),
+        created_at_ms: Set(now_ms),
+        ..Default::default()
+    })
+    .exec(txn)
+    .await?
+    .last_insert_id;
+    let entry_postings: Vec<postings::ActiveModel> = debits
+        .iter()
+        .chain(&credits)
+        .map(|(&account_id, &amount)| postings::ActiveModel {
             entry_id: Set(entry_id),
             account_id: Set(account_id),
             amount: Set(amount),
             created_at_ms: Set(now_ms),
             ..Default::default()
-        }));
+        })
+        .collect();
+    if !entry_postings.is_empty() {
+        postings::Entity::insert_many(entry_postings).exec_without_returning(txn).await?;
     }
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<postings::ActiveModel> = rows.by_ref().take(VALUES_PER_INSERT / 4).collect();
-        postings::Entity::insert_many(chunk).exec_without_returning(txn).await?;
+    // Seven bound columns per settlement.
+    for chunk in todo.chunks(VALUES_PER_INSERT / 7) {
+        let rows = chunk.iter().map(|&i| {
+            let (s, done) = (&batch[i], &out[i]);
+            settlements::ActiveModel {
+                request_id: Set(s.request_id.clone()),
+                entry_id: Set(entry_id),
+                paid: Set(done.paid),
+                seller: Set(done.seller),
+                platform: Set(done.platform),
+                seller_account_id: Set(s.seller_account_id.filter(|_| done.seller > 0)),
+                created_at_ms: Set(now_ms),
+            }
+        });
+        settlements::Entity::insert_many(rows).exec_without_returning(txn).await?;
     }
     add_to_balances(txn, &debits, now_ms).await?;
     add_to_spent(txn, &spent, now_ms).await?;
@@ -996,21 +1012,29 @@ pub async fn settle_batch_debits(
     Ok((out, PendingCredits(credits)))
 }
 
-/// The ids of the entries that exist among these idempotency keys, by key.
-async fn entry_ids(c: &impl ConnectionTrait, keys: &[&str]) -> Result<HashMap<String, i64>, DbErr> {
-    let mut found = HashMap::with_capacity(keys.len());
-    for chunk in keys.chunks(IN_CHUNK) {
-        let rows: Vec<(i64, String)> = journal_entries::Entity::find()
+/// Which of these requests are settled already.
+async fn settled_request_ids<'a>(
+    c: &impl ConnectionTrait,
+    request_ids: impl Iterator<Item = &'a str>,
+) -> Result<HashSet<String>, DbErr> {
+    let ids: Vec<&str> = request_ids.collect();
+    let mut found = HashSet::new();
+    for chunk in ids.chunks(IN_CHUNK) {
+        let rows: Vec<String> = settlements::Entity::find()
             .select_only()
-            .column(journal_entries::Column::Id)
-            .column(journal_entries::Column::IdempotencyKey)
-            .filter(journal_entries::Column::IdempotencyKey.is_in(chunk.iter().copied()))
+            .column(settlements::Column::RequestId)
+            .filter(settlements::Column::RequestId.is_in(chunk.iter().copied()))
             .into_tuple()
             .all(c)
             .await?;
-        found.extend(rows.into_iter().map(|(id, key)| (key, id)));
+        found.extend(rows);
     }
     Ok(found)
+}
+
+/// The settlement of a request, if it was settled.
+pub async fn find_settlement(c: &impl ConnectionTrait, request_id: &str) -> Result<Option<settlements::Model>, DbErr> {
+    settlements::Entity::find_by_id(request_id.to_string()).one(c).await
 }
 
 /// The balances of these accounts, their rows locked until the transaction ends (`FOR UPDATE` on MySQL,
@@ -1110,17 +1134,16 @@ pub async fn refund_request_in(
     memo: Option<String>,
     now_ms: i64,
 ) -> Result<(Posted, i64), LedgerError> {
-    let settle_id =
-        find_entry(txn, &format!("settle:{request_id}")).await?.ok_or(LedgerError::NotFound("settled request"))?;
-    let rows = postings::Entity::find().filter(postings::Column::EntryId.eq(settle_id)).all(txn).await?;
-    let wallet = wallet_account(txn, buyer_id, now_ms).await?;
-    let mut reversal = Vec::new();
-    let mut total = 0;
-    for p in rows.iter().filter(|p| p.amount > 0) {
-        reversal.push((p.account_id, -p.amount));
-        total += p.amount;
+    let settled = find_settlement(txn, request_id).await?.ok_or(LedgerError::NotFound("settled request"))?;
+    // What the seller and the platform received goes back to the buyer's wallet.
+    let total = settled.seller + settled.platform;
+    let mut reversal = vec![(wallet_account(txn, buyer_id, now_ms).await?, total)];
+    if let Some(seller) = settled.seller_account_id {
+        reversal.push((seller, -settled.seller));
     }
-    reversal.push((wallet, total));
+    if settled.platform != 0 {
+        reversal.push((revenue_account(txn, now_ms).await?, -settled.platform));
+    }
     let posted = post(
         txn,
         NewEntry {
@@ -1194,13 +1217,14 @@ struct Row2 {
     b: Option<i64>,
 }
 
-/// A paid usage record's settlement, as [`check`] groups it.
+/// A paid usage record and its settlement, as [`check`] finds it.
 #[derive(Debug, FromQueryResult)]
 struct Settledness {
     id: i64,
     cost: Option<i64>,
-    /// What was paid less what the settlements took.
+    /// What the record says was paid less what the settlement paid.
     short: Option<i64>,
+    /// 1 when the record has a settlement.
     entries: i64,
 }
 
@@ -1278,25 +1302,55 @@ pub async fn check(c: &impl ConnectionTrait, now_ms: i64, max_hold_idle_ms: i64)
             });
         }
     }
+    // A settle entry moves what its settlements say: its debits are what their buyers paid, its credit to
+    // each account what they credit to it (sellers' shares to the sellers' wallets, the platform's to
+    // revenue). Grouped in one pass each, never a subquery per row.
     for r in rows(
-        "SELECT COUNT(*) AS a, MIN(e.id) AS b FROM journal_entries e WHERE e.kind = 'settle' GROUP BY e.request_id HAVING COUNT(*) > 1",
+        "SELECT x.eid AS a, SUM(x.n) AS b FROM (SELECT p.entry_id AS eid, p.amount AS n FROM postings p \
+         JOIN journal_entries e ON e.id = p.entry_id WHERE e.kind = 'settle' AND p.amount < 0 \
+         UNION ALL SELECT s.entry_id, s.paid FROM settlements s) x GROUP BY x.eid HAVING SUM(x.n) <> 0",
     )
     .await?
     {
-        found.push(Violation { rule: "one_settlement", detail: format!("entry {} and {} more settle one request", r.b.unwrap_or(0), r.a - 1) });
+        found.push(Violation {
+            rule: "settlement_matches_entry",
+            detail: format!("entry {} debits {} more than its settlements paid", r.a, -r.b.unwrap_or(0)),
+        });
     }
-    // Every paid usage record has a settlement, and what it took from the buyer (its debits) is what the
-    // record says was paid. Grouped by request id in one pass over the records and the settlements'
-    // debits: as a subquery per record, MariaDB's plan depended on fresh table statistics (minutes at
-    // 50,000 records until an ANALYZE TABLE).
+    for r in rows(
+        "SELECT x.eid AS a, SUM(x.n) AS b FROM (SELECT p.entry_id AS eid, p.account_id AS acc, p.amount AS n \
+         FROM postings p JOIN journal_entries e ON e.id = p.entry_id WHERE e.kind = 'settle' AND p.amount > 0 \
+         UNION ALL SELECT s.entry_id, s.seller_account_id, -s.seller FROM settlements s WHERE s.seller <> 0 \
+         UNION ALL SELECT s.entry_id, r.id, -s.platform FROM settlements s JOIN accounts r ON r.kind = 'revenue' \
+         WHERE s.platform <> 0) x GROUP BY x.eid, x.acc HAVING SUM(x.n) <> 0",
+    )
+    .await?
+    {
+        found.push(Violation {
+            rule: "settlement_matches_entry",
+            detail: format!("entry {} credits an account {} more than its settlements", r.a, r.b.unwrap_or(0)),
+        });
+    }
+    for r in rows(
+        "SELECT MIN(s.entry_id) AS a, COUNT(*) AS b FROM settlements s \
+         LEFT JOIN journal_entries e ON e.id = s.entry_id AND e.kind = 'settle' WHERE e.id IS NULL HAVING COUNT(*) > 0",
+    )
+    .await?
+    {
+        found.push(Violation {
+            rule: "settlement_matches_entry",
+            detail: format!("{} settlements name no settle entry (entry {}, ...)", r.b.unwrap_or(0), r.a),
+        });
+    }
+    // Every paid usage record is settled, for what the record says was paid; every settlement has its
+    // usage record.
     let settled = integer_rows::<Settledness>(
         c,
-        "SELECT MAX(x.uid) AS id, MAX(x.cost) AS cost, MAX(x.due) - SUM(x.debit) AS short, COUNT(x.eid) AS entries \
-         FROM (SELECT u.request_id AS rid, u.id AS uid, u.cost_credits AS cost, \
-         u.cost_credits - u.unpaid_credits AS due, NULL AS eid, 0 AS debit FROM usage_records u \
-         WHERE u.cost_credits > 0 UNION ALL SELECT e.request_id, NULL, NULL, NULL, e.id, COALESCE(-p.amount, 0) \
-         FROM journal_entries e LEFT JOIN postings p ON p.entry_id = e.id AND p.amount < 0 WHERE e.kind = 'settle') x \
-         GROUP BY x.rid HAVING MAX(x.uid) IS NOT NULL AND (COUNT(x.eid) = 0 OR MAX(x.due) <> SUM(x.debit))"
+        "SELECT u.id AS id, u.cost_credits AS cost, \
+         (u.cost_credits - u.unpaid_credits) - COALESCE(s.paid, 0) AS short, \
+         CASE WHEN s.request_id IS NULL THEN 0 ELSE 1 END AS entries \
+         FROM usage_records u LEFT JOIN settlements s ON s.request_id = u.request_id \
+         WHERE u.cost_credits > 0 AND (s.request_id IS NULL OR s.paid <> u.cost_credits - u.unpaid_credits)"
             .to_string(),
         &["id", "cost", "short", "entries"],
     )
@@ -1308,12 +1362,23 @@ pub async fn check(c: &impl ConnectionTrait, now_ms: i64, max_hold_idle_ms: i64)
                 detail: format!("usage record {} costs {} and has no settlement", r.id, r.cost.unwrap_or(0)),
             });
         }
-        if r.short.unwrap_or(0) != 0 {
+        if r.short.unwrap_or(0) != 0 && r.entries > 0 {
             found.push(Violation {
                 rule: "usage_settled",
                 detail: format!("usage record {} is settled {} credits short", r.id, r.short.unwrap_or(0)),
             });
         }
+    }
+    for r in rows(
+        "SELECT MIN(s.entry_id) AS a, COUNT(*) AS b FROM settlements s \
+         LEFT JOIN usage_records u ON u.request_id = s.request_id WHERE u.id IS NULL HAVING COUNT(*) > 0",
+    )
+    .await?
+    {
+        found.push(Violation {
+            rule: "usage_settled",
+            detail: format!("{} settlements have no usage record (entry {}, ...)", r.b.unwrap_or(0), r.a),
+        });
     }
     let stale = stale_holds(c, now_ms - max_hold_idle_ms).await?;
     for hold in stale {

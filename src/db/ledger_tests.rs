@@ -15,7 +15,7 @@ use sea_orm::{
 };
 
 use super::*;
-use crate::db::entities::{accounts, escrows, holds, journal_entries, postings, usage_records};
+use crate::db::entities::{accounts, escrows, holds, journal_entries, postings, settlements, usage_records};
 use crate::db::testing::TestDb;
 
 /// The fixed clock the tests start at.
@@ -75,24 +75,38 @@ async fn own_check(db: &DatabaseConnection, now: i64, max_hold_idle_ms: i64) -> 
     if total != 0 {
         found.push(format!("own: all balances sum to {total}"));
     }
-    let kind_of: BTreeMap<i64, (&str, Option<&str>)> =
-        entries.iter().map(|e| (e.id, (e.kind.as_str(), e.request_id.as_deref()))).collect();
-    let mut settles = BTreeMap::<&str, u32>::new();
-    for (kind, request) in kind_of.values() {
-        if let (&"settle", Some(request)) = (kind, request) {
-            *settles.entry(*request).or_default() += 1;
+    // Settlements: one per paid usage record for what it paid, and each settle entry debits what its
+    // settlements paid and credits each account what they give it.
+    let all_settlements = settlements::Entity::find().all(db).await.unwrap();
+    let kind_of: BTreeMap<i64, &str> = entries.iter().map(|e| (e.id, e.kind.as_str())).collect();
+    let settled: BTreeMap<&str, &settlements::Model> =
+        all_settlements.iter().map(|s| (s.request_id.as_str(), s)).collect();
+    for u in usage.iter().filter(|u| u.cost_credits > 0) {
+        match settled.get(u.request_id.as_str()) {
+            Some(s) if s.paid == u.cost_credits - u.unpaid_credits => {}
+            other => found.push(format!("own: usage record {} settled as {other:?}", u.request_id)),
         }
     }
-    found.extend(settles.iter().filter(|(_, n)| **n > 1).map(|(r, n)| format!("own: {n} settlements of {r}")));
-    for u in usage.iter().filter(|u| u.cost_credits > 0) {
-        let debits: i64 = all_postings
-            .iter()
-            .filter(|p| p.amount < 0 && kind_of.get(&p.entry_id) == Some(&("settle", Some(u.request_id.as_str()))))
-            .map(|p| -p.amount)
-            .sum();
-        if debits != u.cost_credits - u.unpaid_credits {
-            found.push(format!("own: usage record {} paid {debits}", u.request_id));
+    let revenue = all_accounts.iter().find(|a| a.kind == REVENUE).map(|a| a.id);
+    let (mut owed, mut moved) = (BTreeMap::<(i64, Option<i64>), i64>::new(), BTreeMap::new());
+    for s in &all_settlements {
+        if kind_of.get(&s.entry_id) != Some(&"settle") {
+            found.push(format!("own: settlement of {} in entry {}", s.request_id, s.entry_id));
         }
+        if !usage.iter().any(|u| u.request_id == s.request_id) {
+            found.push(format!("own: settlement of {} without a usage record", s.request_id));
+        }
+        *owed.entry((s.entry_id, None)).or_default() -= s.paid;
+        *owed.entry((s.entry_id, s.seller_account_id)).or_default() += s.seller;
+        *owed.entry((s.entry_id, revenue)).or_default() += s.platform;
+    }
+    for p in all_postings.iter().filter(|p| kind_of.get(&p.entry_id) == Some(&"settle")) {
+        let account = if p.amount < 0 { None } else { Some(p.account_id) };
+        *moved.entry((p.entry_id, account)).or_default() += p.amount;
+    }
+    owed.retain(|_, n| *n != 0);
+    if owed != moved {
+        found.push(format!("own: settle entries move {moved:?}, their settlements {owed:?}"));
     }
     for h in &all_holds {
         let held = balances.get(&h.account_id).copied().unwrap_or(0);
@@ -917,21 +931,27 @@ async fn check_detects_a_corrupted_ledger() {
         exec(db, "UPDATE usage_records SET cost_credits = cost_credits - 1 WHERE request_id = 'paid'").await;
         assert_clean(db, now, l).await;
 
-        // Two settlements of one request (under another idempotency key).
-        let extra = journal_entries::ActiveModel {
-            idempotency_key: Set("settle:paid-again".into()),
-            kind: Set("settle".into()),
-            request_id: Set(Some("paid".into())),
-            actor_id: Set(None),
-            memo: Set(None),
-            created_at_ms: Set(now),
-            ..Default::default()
+        // A settlement that says the seller got more, and the platform less, than the entry moved.
+        let seller_more =
+            "UPDATE settlements SET seller = seller + 1, platform = platform - 1 WHERE request_id = 'paid'";
+        exec(db, seller_more).await;
+        assert_eq!(rules(db, now).await, BTreeSet::from(["settlement_matches_entry"]), "{l}");
+        exec(db, "UPDATE settlements SET seller = seller - 1, platform = platform + 1 WHERE request_id = 'paid'").await;
+        // A settlement without its usage record.
+        let paid = find_settlement(db, "paid").await.unwrap().unwrap();
+        let orphan = settlements::ActiveModel {
+            request_id: Set("orphan".into()),
+            paid: Set(0),
+            seller: Set(0),
+            platform: Set(0),
+            seller_account_id: Set(None),
+            ..paid.into()
         }
         .insert(db)
         .await
         .unwrap();
-        assert!(rules(db, now).await.contains("one_settlement"), "{l}");
-        journal_entries::Entity::delete_by_id(extra.id).exec(db).await.unwrap();
+        assert_eq!(rules(db, now).await, BTreeSet::from(["usage_settled"]), "{l}");
+        settlements::Entity::delete_by_id(orphan.request_id).exec(db).await.unwrap();
         // An entry that moves nothing.
         let empty = journal_entries::ActiveModel {
             idempotency_key: Set("grant:empty".into()),
@@ -1252,6 +1272,7 @@ async fn uncommitted_overrun(db: &DatabaseConnection, source: HoldSource, reques
     let txn = begin(db).await.unwrap();
     let r = settle(&txn, &s, T0).await.unwrap();
     assert_eq!((r.paid, r.unpaid), (30, 0));
+    insert_usage(&txn, request_id, source.buyer_id, Some(h.id), 30, 0, T0).await.unwrap();
     txn
 }
 

@@ -1242,7 +1242,7 @@ pub async fn run_python_client(gateway: &Gateway, script: &str, key: &str, args:
 
 // --- the ledger -----------------------------------------------------------------------------------
 
-pub use token_exchange::db::entities::{accounts, escrows, holds, journal_entries, postings};
+pub use token_exchange::db::entities::{accounts, escrows, holds, journal_entries, postings, settlements};
 
 /// `ledger.platform_fee_bps` as the tests run it (the default).
 pub const PLATFORM_FEE_BPS: i64 = 500;
@@ -1338,6 +1338,7 @@ pub struct LedgerSnapshot {
     pub postings: Vec<postings::Model>,
     pub holds: Vec<holds::Model>,
     pub escrows: Vec<escrows::Model>,
+    pub settlements: Vec<settlements::Model>,
 }
 
 impl LedgerSnapshot {
@@ -1389,13 +1390,21 @@ impl LedgerSnapshot {
         self.entries.iter().filter(|e| e.kind == kind).collect()
     }
 
-    /// `settle` entries per request id.
-    pub fn settlements(&self) -> BTreeMap<String, Vec<&journal_entries::Model>> {
-        let mut by_request: BTreeMap<String, Vec<&journal_entries::Model>> = BTreeMap::new();
+    /// The settlements per request id (one each: the request id is the table's key). Asserts first that
+    /// each `settle` entry debits what its settlements paid (an entry settles a usage writer's batch).
+    pub fn settlements(&self) -> BTreeMap<String, Vec<&settlements::Model>> {
+        let mut paid_in: BTreeMap<i64, i64> = BTreeMap::new();
+        for s in &self.settlements {
+            *paid_in.entry(s.entry_id).or_default() += s.paid;
+        }
         for entry in self.entries_of_kind("settle") {
-            let request =
-                entry.request_id.clone().unwrap_or_else(|| panic!("a settle entry without a request id: {entry:?}"));
-            by_request.entry(request).or_default().push(entry);
+            let paid = paid_in.remove(&entry.id).unwrap_or(0);
+            assert_eq!(self.debits_of(entry.id), paid, "settle entry {entry:?} against its settlements");
+        }
+        assert!(paid_in.is_empty(), "settlements of entries that are not settle entries: {paid_in:?}");
+        let mut by_request: BTreeMap<String, Vec<&settlements::Model>> = BTreeMap::new();
+        for s in &self.settlements {
+            by_request.entry(s.request_id.clone()).or_default().push(s);
         }
         by_request
     }
@@ -1468,6 +1477,11 @@ impl TestEnv {
                 .expect("read postings"),
             holds: holds::Entity::find().order_by_asc(holds::Column::Id).all(&txn).await.expect("read holds"),
             escrows: escrows::Entity::find().order_by_asc(escrows::Column::Id).all(&txn).await.expect("read escrows"),
+            settlements: settlements::Entity::find()
+                .order_by_asc(settlements::Column::RequestId)
+                .all(&txn)
+                .await
+                .expect("read settlements"),
         };
         let _ = txn.rollback().await;
         let _ = db.close().await;

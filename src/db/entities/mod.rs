@@ -13,6 +13,7 @@ pub mod model_prices;
 pub mod notifications;
 pub mod postings;
 pub mod sessions;
+pub mod settlements;
 pub mod usage_records;
 pub mod usage_rollups_buyer;
 pub mod usage_rollups_platform;
