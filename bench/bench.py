@@ -623,7 +623,7 @@ class Bench:
     def tokex_env(self):
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEX_")}
         env.update({"TOKEX_MASTER_KEY": self.master_key, "TOKEX_ADMIN_PASSWORD": "bench-admin-password",
-                    "TOKEX_LOG": "warn"})
+                    "TOKEX_LOG": os.environ.get("TOKEX_BENCH_LOG", "warn")})
         return env
 
     def table_exists(self, database):

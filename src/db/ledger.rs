@@ -14,11 +14,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use sea_orm::sea_query::{Condition, Expr};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
-    AccessMode, ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection,
-    DatabaseTransaction, DbBackend, DbErr, EntityTrait, IsolationLevel, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Statement, TransactionTrait, Value,
+    AccessMode, ActiveModelTrait, ActiveValue::NotSet, ActiveValue::Set, ColumnTrait, ConnectionTrait,
+    DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait, IsolationLevel, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait, Value,
 };
 
 use super::entities::{accounts, escrows, holds, journal_entries, postings, settlements};
@@ -182,14 +182,15 @@ pub async fn balance(c: &impl ConnectionTrait, account_id: i64) -> Result<i64, D
 /// writer before it is posted. A caller that posts several entries in one transaction (a dispute's
 /// refunds) locks their accounts with it first, in ascending id order.
 pub async fn balance_for_update(txn: &DatabaseTransaction, account_id: i64) -> Result<i64, DbErr> {
-    accounts::Entity::update_many()
-        .col_expr(accounts::Column::UpdatedAtMs, Expr::col(accounts::Column::UpdatedAtMs).into())
-        .filter(accounts::Column::Id.eq(account_id))
-        .exec(txn)
-        .await?;
-    balance(txn, account_id).await
+    accounts::Entity::find_by_id(account_id)
+        .select_only()
+        .column(accounts::Column::Balance)
+        .lock_exclusive()
+        .into_tuple::<i64>()
+        .one(txn)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("account {account_id}")))
 }
-
 /// The user's wallet account, if they ever had one (reading never creates it).
 pub async fn find_wallet(c: &impl ConnectionTrait, user_id: i64) -> Result<Option<i64>, DbErr> {
     find_account(c, WALLET, user_id, 0).await
@@ -224,12 +225,13 @@ pub enum Posted {
 
 /// Posts an entry inside the caller's transaction. Fails with `InsufficientFunds` (and the caller must
 /// roll back) when a debit would take an account below zero.
+///
+/// The entry is inserted first: its idempotency key's unique index finds an entry posted before (a retry)
+/// in the same statement, and only then is it looked up. Each account's balance changes once (its net
+/// over the entry), in one guarded update.
 pub async fn post(txn: &DatabaseTransaction, entry: NewEntry, now_ms: i64) -> Result<Posted, LedgerError> {
     let ordered = ordered_postings(&entry.idempotency_key, &entry.postings)?;
-    if let Some(existing) = find_entry(txn, &entry.idempotency_key).await? {
-        return Ok(Posted::Already(existing));
-    }
-    let inserted = journal_entries::ActiveModel {
+    let inserted = journal_entries::Entity::insert(journal_entries::ActiveModel {
         idempotency_key: Set(entry.idempotency_key.clone()),
         kind: Set(entry.kind.to_string()),
         request_id: Set(entry.request_id),
@@ -237,20 +239,23 @@ pub async fn post(txn: &DatabaseTransaction, entry: NewEntry, now_ms: i64) -> Re
         memo: Set(entry.memo),
         created_at_ms: Set(now_ms),
         ..Default::default()
-    }
-    .insert(txn)
+    })
+    .exec(txn)
     .await;
     let entry_id = match inserted {
-        Ok(model) => model.id,
-        // A concurrent writer posted the same key first (its transaction committed before our insert).
+        Ok(result) => result.last_insert_id,
+        // Posted before, or by a concurrent writer whose transaction committed before our insert.
         Err(e) => match find_entry(txn, &entry.idempotency_key).await? {
             Some(existing) => return Ok(Posted::Already(existing)),
             None => return Err(e.into()),
         },
     };
+    let mut net: BTreeMap<i64, i64> = BTreeMap::new();
     for &(account, amount) in &ordered {
-        apply(txn, account, amount, now_ms).await?;
+        let change = net.entry(account).or_default();
+        *change = change.checked_add(amount).ok_or_else(|| LedgerError::Invalid("balance overflow".into()))?;
     }
+    add_to_balances(txn, &net, now_ms).await?;
     if !ordered.is_empty() {
         let rows = ordered.iter().map(|&(account_id, amount)| postings::ActiveModel {
             entry_id: Set(entry_id),
@@ -285,26 +290,6 @@ async fn find_entry(c: &impl ConnectionTrait, key: &str) -> Result<Option<i64>, 
         .into_tuple::<i64>()
         .one(c)
         .await
-}
-
-/// The guarded balance change: a debit that would go below zero matches no row.
-async fn apply(c: &impl ConnectionTrait, account_id: i64, amount: i64, now_ms: i64) -> Result<(), LedgerError> {
-    let result = accounts::Entity::update_many()
-        .col_expr(accounts::Column::Balance, Expr::col(accounts::Column::Balance).add(amount))
-        .col_expr(accounts::Column::UpdatedAtMs, Expr::value(now_ms))
-        .filter(accounts::Column::Id.eq(account_id))
-        .filter(
-            Condition::any()
-                .add(Expr::expr(Expr::col(accounts::Column::Balance).add(amount)).gte(0))
-                .add(accounts::Column::Kind.eq(EXTERNAL)),
-        )
-        .exec(c)
-        .await?;
-    if result.rows_affected == 1 {
-        Ok(())
-    } else {
-        Err(LedgerError::InsufficientFunds { account_id })
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -535,26 +520,43 @@ pub async fn open_hold(
         if amount < min {
             return Ok(None);
         }
-        let hold = holds::ActiveModel {
-            account_id: Set(0),
-            source_account_id: Set(source.account_id),
-            buyer_id: Set(source.buyer_id),
-            escrow_id: Set(source.escrow_id),
-            node_id: Set(node_id.to_string()),
-            status: Set(HOLD_OPEN.to_string()),
-            amount: Set(amount),
-            spent: Set(0),
+        let mut hold = holds::Model {
+            id: 0,
+            account_id: 0,
+            source_account_id: source.account_id,
+            buyer_id: source.buyer_id,
+            escrow_id: source.escrow_id,
+            node_id: node_id.to_string(),
+            status: HOLD_OPEN.to_string(),
+            amount,
+            spent: 0,
+            created_at_ms: now_ms,
+            renewed_at_ms: now_ms,
+            closed_at_ms: None,
+        };
+        // Inserted without reading the rows back (a round trip each on MySQL): the hold, its account (new,
+        // as the hold is), then the hold's account id.
+        let mut row: holds::ActiveModel = hold.clone().into();
+        row.id = NotSet;
+        hold.id = holds::Entity::insert(row.reset_all()).exec(&txn).await?.last_insert_id;
+        hold.account_id = accounts::Entity::insert(accounts::ActiveModel {
+            kind: Set(HOLD.to_string()),
+            owner_id: Set(source.buyer_id),
+            ref_id: Set(hold.id),
+            balance: Set(0),
             created_at_ms: Set(now_ms),
-            renewed_at_ms: Set(now_ms),
-            closed_at_ms: Set(None),
+            updated_at_ms: Set(now_ms),
             ..Default::default()
-        }
-        .insert(&txn)
-        .await?;
-        let account = ensure_account(&txn, HOLD, source.buyer_id, hold.id, now_ms).await?;
-        let mut active: holds::ActiveModel = hold.into();
-        active.account_id = Set(account);
-        let hold = active.update(&txn).await?;
+        })
+        .exec(&txn)
+        .await?
+        .last_insert_id;
+        holds::Entity::update_many()
+            .col_expr(holds::Column::AccountId, Expr::value(hold.account_id))
+            .filter(holds::Column::Id.eq(hold.id))
+            .exec(&txn)
+            .await?;
+        let account = hold.account_id;
         post(
             &txn,
             NewEntry {
@@ -591,23 +593,24 @@ pub async fn extend_hold(
         if !source_usable(&txn, &source, now_ms).await? {
             return Ok(0);
         }
-        // Locks the hold row and proves it is still open.
-        let locked = holds::Entity::update_many()
-            .col_expr(holds::Column::Amount, Expr::col(holds::Column::Amount).into())
-            .filter(holds::Column::Id.eq(hold_id))
+        // Locks the hold row, proves it is still open and reads its amount as of the lock.
+        let Some(current) = holds::Entity::find_by_id(hold_id)
+            .select_only()
+            .column(holds::Column::Amount)
             .filter(holds::Column::Status.eq(HOLD_OPEN))
-            .exec(&txn)
-            .await?;
-        if locked.rows_affected != 1 {
+            .lock_exclusive()
+            .into_tuple::<i64>()
+            .one(&txn)
+            .await?
+        else {
             return Ok(0);
-        }
+        };
         let available = balance_for_update(&txn, hold.source_account_id).await?;
         let amount = available.min(max);
         if amount < min {
             return Ok(0);
         }
-        let current = holds::Entity::find_by_id(hold_id).one(&txn).await?.ok_or(LedgerError::NotFound("hold"))?;
-        let total = current.amount + amount;
+        let total = current + amount;
         post(
             &txn,
             NewEntry {
@@ -1062,8 +1065,9 @@ async fn balances_for_update(
 }
 
 /// Adds each account's net change, one guarded update per `CASE_CHUNK` accounts, rows in ascending id
-/// order. The debits were computed from balances locked in this transaction, so the guard only catches a
-/// bug.
+/// order: a debit that would take an account (but the external one) below zero matches no row, and the
+/// whole change fails with `InsufficientFunds`. (A settlement's debits were computed from balances locked
+/// in its transaction, so there the guard only catches a bug.)
 async fn add_to_balances(
     txn: &DatabaseTransaction,
     changes: &BTreeMap<i64, i64>,
