@@ -168,13 +168,15 @@ pub async fn external_account(c: &impl ConnectionTrait, now_ms: i64) -> Result<i
 }
 
 pub async fn balance(c: &impl ConnectionTrait, account_id: i64) -> Result<i64, DbErr> {
-    accounts::Entity::find_by_id(account_id)
-        .select_only()
-        .column(accounts::Column::Balance)
-        .into_tuple::<i64>()
-        .one(c)
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound(format!("account {account_id}")))
+    read_balance(c, account_id, false).await
+}
+
+async fn read_balance(c: &impl ConnectionTrait, account_id: i64, lock: bool) -> Result<i64, DbErr> {
+    let mut query = accounts::Entity::find_by_id(account_id).select_only().column(accounts::Column::Balance);
+    if lock {
+        query = query.lock_exclusive();
+    }
+    query.into_tuple::<i64>().one(c).await?.ok_or_else(|| DbErr::RecordNotFound(format!("account {account_id}")))
 }
 
 /// The balance, with the account's row locked until the transaction ends (MySQL; SQLite transactions
@@ -182,15 +184,9 @@ pub async fn balance(c: &impl ConnectionTrait, account_id: i64) -> Result<i64, D
 /// writer before it is posted. A caller that posts several entries in one transaction (a dispute's
 /// refunds) locks their accounts with it first, in ascending id order.
 pub async fn balance_for_update(txn: &DatabaseTransaction, account_id: i64) -> Result<i64, DbErr> {
-    accounts::Entity::find_by_id(account_id)
-        .select_only()
-        .column(accounts::Column::Balance)
-        .lock_exclusive()
-        .into_tuple::<i64>()
-        .one(txn)
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound(format!("account {account_id}")))
+    read_balance(txn, account_id, true).await
 }
+
 /// The user's wallet account, if they ever had one (reading never creates it).
 pub async fn find_wallet(c: &impl ConnectionTrait, user_id: i64) -> Result<Option<i64>, DbErr> {
     find_account(c, WALLET, user_id, 0).await
